@@ -1,0 +1,194 @@
+"""RecordStore and ImageStore against real processes: SIGKILL during appends, torn lines, two writers at once.
+
+Each child is a separate Python process running the installed package. A writer prints the number of records
+it has flushed after every `flush()` returns, so the parent knows which records were *completed* (fsynced)
+before it killed the writer.
+"""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from instructengine.core import ImageStore, RecordStore
+
+N = 400              # records a writer is asked for
+PAYLOAD = 2_000      # bytes of payload per record
+BIG_PAYLOAD = 200_000  # for the kill test: a batch is ~1 MB, so the kill often lands inside the write
+
+WRITER = textwrap.dedent("""
+    import sys, hashlib
+    from instructengine.core import RecordStore
+    path, tag, n, payload, batch, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+    store = RecordStore(path, batch_size=batch)
+    print("ready", flush=True)
+    import os, time
+    while go != "-" and not os.path.exists(go): time.sleep(0.001)
+    todo = [i for i in range(n) if f"{tag}{i}" not in store.done_ids()]
+    for k, i in enumerate(todo, 1):
+        body = hashlib.sha256(f"{tag}{i}".encode()).hexdigest() * (payload // 64)
+        store.append({"id": f"{tag}{i}", "i": i, "body": body, "sum": hashlib.sha256(body.encode()).hexdigest()})
+        if k % batch == 0: print("flushed", i + 1, flush=True)   # append() flushed this batch before returning
+    store.flush()
+    print("flushed", n, flush=True)
+    print("done", flush=True)
+""")
+
+
+def start_writer(path, tag="r", n=N, batch=5, go="-", payload=PAYLOAD):
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, str(n), str(payload), str(batch), str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = {"flushed": 0, "ready": threading.Event(), "lines": []}
+    def read():
+        for line in p.stdout:
+            state["lines"].append(line)
+            if line.startswith("ready"): state["ready"].set()
+            if line.startswith("flushed"): state["flushed"] = int(line.split()[1])
+    threading.Thread(target=read, daemon=True).start()
+    return p, state
+
+
+def read_lines(path):
+    "Every line of the file, parsed; fails the test on a line that is not a whole, intact record."
+    raw = Path(path).read_bytes()
+    assert raw == b"" or raw.endswith(b"\n"), "file does not end with a newline"
+    recs = []
+    for n, line in enumerate(raw.split(b"\n")[:-1]):
+        rec = json.loads(line)                                  # raises on a torn or glued line
+        assert hashlib.sha256(rec["body"].encode()).hexdigest() == rec["sum"], f"line {n}: payload damaged"
+        recs.append(rec)
+    return recs
+
+
+def kill_midway(p, state, min_flushed=50):
+    "Wait until the writer has flushed a few batches, then SIGKILL it at a random moment."
+    deadline = time.time() + 120
+    while state["flushed"] < min_flushed:
+        assert p.poll() is None, p.stderr.read()
+        assert time.time() < deadline, "writer made no progress"
+        time.sleep(0.002)
+    time.sleep(random.uniform(0, 0.05))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(0.05)                                            # let the reader thread drain stdout
+    return state["flushed"]
+
+
+def test_sigkill_while_appending_then_resume(tmp_path):
+    path = tmp_path / "records.jsonl"
+    p, state = start_writer(path, payload=BIG_PAYLOAD)
+    completed = kill_midway(p, state)
+    assert p.returncode == -signal.SIGKILL
+
+    torn = not path.read_bytes().endswith(b"\n")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        store = RecordStore(path)
+    assert any("torn last line" in str(x.message) for x in w) == torn
+    recs = read_lines(path)                                     # the torn line is gone, the rest intact
+    ids = [r["i"] for r in recs]
+    assert len(ids) == len(set(ids)), "a record was duplicated"
+    assert ids == list(range(len(ids))), "the records on disk are not a prefix of what was appended"
+    assert len(ids) >= completed, f"{completed} records were flushed before the kill, only {len(ids)} survived"
+    assert store.done_ids() == {f"r{i}" for i in ids}
+
+    p, state = start_writer(path, payload=BIG_PAYLOAD)          # resume: only the missing records are written
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    recs = read_lines(path)
+    assert [r["i"] for r in recs] == list(range(N))
+    print(f"killed after {completed} flushed, {len(ids)} on disk, torn tail: {torn}")
+
+
+def test_torn_line_from_killed_writer_never_glues_onto_next_append(tmp_path):
+    "Deterministic: the writer dies with exactly half a batch written, then a second process appends."
+    path = tmp_path / "records.jsonl"
+    code = textwrap.dedent("""
+        import os, signal, sys
+        from instructengine.core import RecordStore
+        store = RecordStore(sys.argv[1], batch_size=100)
+        store.extend({"id": i, "v": "x" * 50} for i in range(10))
+        store.flush()
+        store.extend({"id": i, "v": "y" * 50} for i in range(10, 20))
+        real_write = os.write
+        def half_then_die(fd, data):                 # the kill lands in the middle of the batch's write
+            real_write(fd, bytes(data[: len(data) // 2 + 7]))   # ends inside a line
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.write = half_then_die
+        store.flush()
+    """)
+    assert subprocess.run([sys.executable, "-c", code, str(path)]).returncode == -signal.SIGKILL
+    raw = path.read_bytes()
+    assert not raw.endswith(b"\n")
+    intact = raw[: raw.rindex(b"\n") + 1].count(b"\n")          # 10 + the whole lines of the half batch
+    assert 10 < intact < 20
+
+    code2 = ("import sys; from instructengine.core import RecordStore\n"
+             "with RecordStore(sys.argv[1]) as s: s.extend({'id': i, 'v': 'z'} for i in range(100, 105))")
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code2, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "dropped a torn last line" in out.stderr
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert [r["id"] for r in lines] == list(range(intact)) + list(range(100, 105))
+
+
+def test_two_writers_at_once(tmp_path):
+    path, go = tmp_path / "records.jsonl", tmp_path / "go"
+    writers = [start_writer(path, tag=t, n=300, batch=b, go=go) for t, b in (("a", 7), ("b", 3))]
+    for p, state in writers: assert state["ready"].wait(60), p.stderr.read()
+    go.touch()
+    reader, seen = RecordStore(path), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                           # a reader must never meet a partial line
+        while any(p.poll() is None for p, _ in writers):
+            n = len(reader.done_ids())
+            assert n >= seen
+            seen = n
+    for p, _ in writers: assert p.returncode == 0, p.stderr.read()
+    recs = read_lines(path)
+    assert len(recs) == 600 and len({r["id"] for r in recs}) == 600
+    for tag in "ab":                                             # each writer's records in its own order
+        assert [r["i"] for r in recs if r["id"][0] == tag] == list(range(300))
+    assert len(reader) == 600
+
+
+def test_killed_writer_beside_a_live_one(tmp_path):
+    "Writer a is SIGKILLed mid-batch while writer b is still appending: b's later appends cut a's torn tail, no line is damaged."
+    path, go = tmp_path / "records.jsonl", tmp_path / "go"
+    (pa, sa), (pb, sb) = start_writer(path, tag="a", n=2000, batch=5, go=go), start_writer(path, tag="b", n=1500, batch=3, go=go)
+    for p, s in ((pa, sa), (pb, sb)): assert s["ready"].wait(60), p.stderr.read()
+    go.touch()
+    completed = kill_midway(pa, sa, min_flushed=20)
+    assert pb.poll() is None, "writer b finished before a was killed: the scenario did not happen"
+    assert pb.wait(timeout=180) == 0, pb.stderr.read()
+    recs = read_lines(path)                                     # b's appends left the file whole, with no repair on open
+    a = [r["i"] for r in recs if r["id"][0] == "a"]
+    assert a == list(range(len(a))) and len(a) >= completed
+    assert [r["i"] for r in recs if r["id"][0] == "b"] == list(range(1500))
+
+
+def test_image_store_killed_before_rename_leaves_no_partial_png(tmp_path):
+    code = textwrap.dedent("""
+        import os, signal, sys
+        import numpy as np
+        from instructengine.core import ImageStore
+        store = ImageStore(sys.argv[1])
+        os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)    # die between the write and the rename
+        store.put(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    """)
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == -signal.SIGKILL
+    assert list(tmp_path.rglob("*.png")) == []                    # only a hidden temp file is left behind
+    assert [p.name.startswith(".") for p in tmp_path.rglob("*.tmp")] == [True]
+    store = ImageStore(tmp_path)
+    img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    s = store.put(img)
+    assert np.array_equal(np.asarray(store.get(s.sha256)), img)
