@@ -379,6 +379,7 @@ class RecordStore:
     "An append-only JSONL file of records keyed by `key`: batched fsynced appends under a file lock; torn lines dropped; latest record per id wins."
 
     def __init__(self, path, key: str = "id", batch_size: int = 64, flush_every: float = 10.0, status_key: str = "status"):
+        if not (isinstance(batch_size, int) and batch_size >= 1): raise ValueError(f"batch_size = {batch_size!r}: expected an int >= 1")
         self.path, self.key, self.status_key = Path(path), key, status_key
         self.batch_size, self.flush_every = batch_size, flush_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -573,7 +574,7 @@ def progress_enabled() -> bool:
     "Show progress bars? `$INSTRUCTENGINE_PROGRESS` if set; off when `$CI` is set; on in a Jupyter kernel or a terminal."
     env = os.environ.get("INSTRUCTENGINE_PROGRESS")
     if env is not None: return env.strip().lower() not in ("", "0", "false", "no", "off")
-    if os.environ.get("CI"): return False
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"): return False
     try:
         from IPython import get_ipython
         if type(get_ipython()).__name__ == "ZMQInteractiveShell": return True

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -45,17 +46,32 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def start_writer(path, tag="r", n=N, batch=5, go="-", payload=PAYLOAD):
-    p = subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, str(n), str(payload), str(batch), str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = {"flushed": 0, "ready": threading.Event(), "lines": []}
-    def read():
-        for line in p.stdout:
-            state["lines"].append(line)
-            if line.startswith("ready"): state["ready"].set()
-            if line.startswith("flushed"): state["flushed"] = int(line.split()[1])
-    threading.Thread(target=read, daemon=True).start()
-    return p, state
+@pytest.fixture
+def start_writer(tmp_path):
+    "Start writer processes; each reports flushed counts on stdout (drained by a thread), stderr goes to a file."
+    procs = []
+    def start(path, tag="r", n=N, batch=5, go="-", payload=PAYLOAD):
+        err = open(tmp_path / f"writer-{tag}-{len(procs)}.err", "w+")
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, str(n), str(payload), str(batch), str(go)],
+                             stdout=subprocess.PIPE, stderr=err, text=True)
+        p.errors = lambda: (err.seek(0), err.read())[1]
+        state = {"flushed": 0, "ready": threading.Event(), "odd": []}
+        def read():
+            for line in p.stdout:                      # a report cut short by the kill is kept aside, not counted
+                if line == "ready\n": state["ready"].set()
+                elif m := re.fullmatch(r"flushed (\d+)\n", line): state["flushed"] = int(m.group(1))
+                elif line != "done\n": state["odd"].append(line)
+        state["reader"] = threading.Thread(target=read, daemon=True)
+        state["reader"].start()
+        procs.append((p, err, state))
+        return p, state
+    yield start
+    for p, err, state in procs:
+        if p.poll() is None: p.kill()
+        p.wait()
+        state["reader"].join(5)
+        p.stdout.close()
+        err.close()
 
 
 def read_lines(path):
@@ -74,20 +90,20 @@ def kill_midway(p, state, min_flushed=50):
     "Wait until the writer has flushed a few batches, then SIGKILL it at a random moment."
     deadline = time.time() + 120
     while state["flushed"] < min_flushed:
-        assert p.poll() is None, p.stderr.read()
+        assert p.poll() is None, p.errors()
         assert time.time() < deadline, "writer made no progress"
         time.sleep(0.002)
     time.sleep(random.uniform(0, 0.05))
     p.send_signal(signal.SIGKILL)
     p.wait()
-    time.sleep(0.05)                                            # let the reader thread drain stdout
+    state["reader"].join(5)                                     # every report the writer made is read
     return state["flushed"]
 
 
-def test_sigkill_while_appending_then_resume(tmp_path):
+def test_sigkill_while_appending_then_resume(tmp_path, start_writer):
     path = tmp_path / "records.jsonl"
     p, state = start_writer(path, payload=BIG_PAYLOAD)
-    completed = kill_midway(p, state)
+    completed, odd = kill_midway(p, state), state["odd"]
     assert p.returncode == -signal.SIGKILL
 
     torn = not path.read_bytes().endswith(b"\n")
@@ -103,10 +119,10 @@ def test_sigkill_while_appending_then_resume(tmp_path):
     assert store.done_ids() == {f"r{i}" for i in ids}
 
     p, state = start_writer(path, payload=BIG_PAYLOAD)          # resume: only the missing records are written
-    assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert p.wait(timeout=120) == 0, p.errors()
     recs = read_lines(path)
     assert [r["i"] for r in recs] == list(range(N))
-    print(f"killed after {completed} flushed, {len(ids)} on disk, torn tail: {torn}")
+    print(f"killed after {completed} flushed, {len(ids)} on disk, torn tail: {torn}, odd reports: {odd}")
 
 
 def test_torn_line_from_killed_writer_never_glues_onto_next_append(tmp_path):
@@ -141,10 +157,10 @@ def test_torn_line_from_killed_writer_never_glues_onto_next_append(tmp_path):
     assert [r["id"] for r in lines] == list(range(intact)) + list(range(100, 105))
 
 
-def test_two_writers_at_once(tmp_path):
+def test_two_writers_at_once(tmp_path, start_writer):
     path, go = tmp_path / "records.jsonl", tmp_path / "go"
     writers = [start_writer(path, tag=t, n=300, batch=b, go=go) for t, b in (("a", 7), ("b", 3))]
-    for p, state in writers: assert state["ready"].wait(60), p.stderr.read()
+    for p, state in writers: assert state["ready"].wait(60), p.errors()
     go.touch()
     reader, seen = RecordStore(path), 0
     with warnings.catch_warnings():
@@ -153,7 +169,7 @@ def test_two_writers_at_once(tmp_path):
             n = len(reader.done_ids())
             assert n >= seen
             seen = n
-    for p, _ in writers: assert p.returncode == 0, p.stderr.read()
+    for p, _ in writers: assert p.returncode == 0, p.errors()
     recs = read_lines(path)
     assert len(recs) == 600 and len({r["id"] for r in recs}) == 600
     for tag in "ab":                                             # each writer's records in its own order
@@ -161,15 +177,15 @@ def test_two_writers_at_once(tmp_path):
     assert len(reader) == 600
 
 
-def test_killed_writer_beside_a_live_one(tmp_path):
+def test_killed_writer_beside_a_live_one(tmp_path, start_writer):
     "Writer a is SIGKILLed mid-batch while writer b is still appending: b's later appends cut a's torn tail, no line is damaged."
     path, go = tmp_path / "records.jsonl", tmp_path / "go"
     (pa, sa), (pb, sb) = start_writer(path, tag="a", n=2000, batch=5, go=go), start_writer(path, tag="b", n=1500, batch=3, go=go)
-    for p, s in ((pa, sa), (pb, sb)): assert s["ready"].wait(60), p.stderr.read()
+    for p, s in ((pa, sa), (pb, sb)): assert s["ready"].wait(60), p.errors()
     go.touch()
     completed = kill_midway(pa, sa, min_flushed=20)
     assert pb.poll() is None, "writer b finished before a was killed: the scenario did not happen"
-    assert pb.wait(timeout=180) == 0, pb.stderr.read()
+    assert pb.wait(timeout=180) == 0, pb.errors()
     recs = read_lines(path)                                     # b's appends left the file whole, with no repair on open
     a = [r["i"] for r in recs if r["id"][0] == "a"]
     assert a == list(range(len(a))) and len(a) >= completed
