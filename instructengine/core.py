@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['RUN_LAYOUT', 'ConfigError', 'load_yaml', 'dump_yaml', 'to_jsonable', 'Config', 'seed_everything', 'pick_device',
-           'pick_dtype', 'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir', 'RecordStore',
+           'pick_dtype', 'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'RecordStore',
            'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'progress_enabled', 'progress']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
@@ -374,40 +374,16 @@ def _json_default(x):
     try: return to_jsonable(x)
     except TypeError: raise TypeError(f"{type(x).__name__} value {x!r:.60} is not JSON serializable") from None
 
-# %% ../nbs/00_core.ipynb #ccff0e48
-class RecordStore:
-    "An append-only JSONL file of records keyed by `key`: batched fsynced appends under a file lock; torn lines dropped; latest record per id wins."
+# %% ../nbs/00_core.ipynb #b559e562
+class RecordLog:
+    "The read side of a JSONL record file: complete lines only, the latest record of an id wins. Never writes, never locks."
 
-    def __init__(self, path, key: str = "id", batch_size: int = 64, flush_every: float = 10.0, status_key: str = "status"):
-        if not (isinstance(batch_size, int) and batch_size >= 1): raise ValueError(f"batch_size = {batch_size!r}: expected an int >= 1")
+    def __init__(self, path, key: str = "id", status_key: str = "status"):
         self.path, self.key, self.status_key = Path(path), key, status_key
-        self.batch_size, self.flush_every = batch_size, flush_every
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = file_lock(self.path)
-        self._pending: list[tuple[Any, Any, str]] = []   # (id, status, JSON line) not yet on disk
-        self._status: dict = {}                          # id -> status of its latest record on disk
-        self._offset = 0                                 # bytes of the file indexed into _status
-        self._last_flush = time.monotonic()
-        with self._lock:
-            self._drop_torn_tail()
-            self._catch_up()
+        self._status: dict = {}      # id -> status of its latest record on disk
+        self._offset = 0             # bytes of the file indexed into _status
 
-    def __repr__(self): return f"RecordStore({self.path.name!r}, {len(self)} ids, {len(self._pending)} pending)"
-
-    def _drop_torn_tail(self):
-        "Cut a last line that lacks its newline (left by a writer killed mid-append). Call with the lock held."
-        if not self.path.exists(): return
-        with open(self.path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0: return
-            f.seek(size - 1)
-            if f.read(1) == b"\n": return
-            end = _last_newline(f, size) + 1
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-        warnings.warn(f"{self.path}: dropped a torn last line of {size - end} bytes at offset {end} "
-                      "(a writer was killed in the middle of an append)", stacklevel=3)
+    def __repr__(self): return f"{type(self).__name__}({self.path.name!r}, {len(self)} ids)"
 
     def _scan(self, start: int = 0) -> Iterator[tuple[int, dict | None]]:
         "Yield (offset after the line, record) for each complete line from byte `start`; a bad line warns and gives `None`."
@@ -429,6 +405,68 @@ class RecordStore:
         "Index the records appended since we last looked (by us in an earlier run, or by other processes)."
         for self._offset, rec in self._scan(self._offset):
             if rec is not None: self._status[rec[self.key]] = rec.get(self.status_key)
+
+    def done_ids(self, status=None) -> set:
+        "Ids with a record on disk; with `status` (a value or a collection), only ids whose latest record has that status."
+        self._catch_up()
+        if status is None: return set(self._status)
+        ok = {status} if isinstance(status, (str, int, bool)) else set(status)
+        return {i for i, s in self._status.items() if s in ok}
+
+    def pending(self, items: Iterable, id_of=None, status=None) -> list:
+        "The `items` not done yet; an item's id is `item[key]`, or `id_of(item)`."
+        done = self.done_ids(status)
+        id_of = id_of or (lambda it: it[self.key])
+        return [it for it in items if id_of(it) not in done]
+
+    def latest(self) -> dict:
+        "The latest record of every id, in order of first appearance."
+        return {rec[self.key]: rec for rec in self}
+
+    def __iter__(self) -> Iterator[dict]:
+        "Every record in file order (complete lines only)."
+        return (rec for _, rec in self._scan() if rec is not None)
+
+    def __len__(self) -> int:
+        self._catch_up()
+        return len(self._status)
+
+    def __contains__(self, rid) -> bool:
+        self._catch_up()
+        return rid in self._status
+
+# %% ../nbs/00_core.ipynb #a04c1317
+class RecordStore(RecordLog):
+    "An append-only JSONL file of records keyed by `key`: batched, fsynced appends under a file lock; a torn last line is cut."
+
+    def __init__(self, path, key: str = "id", batch_size: int = 64, flush_every: float = 10.0, status_key: str = "status"):
+        if not (isinstance(batch_size, int) and batch_size >= 1): raise ValueError(f"batch_size = {batch_size!r}: expected an int >= 1")
+        super().__init__(path, key, status_key)
+        self.batch_size, self.flush_every = batch_size, flush_every
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = file_lock(self.path)
+        self._pending: list[tuple[Any, Any, str]] = []   # (id, status, JSON line) not yet on disk
+        self._last_flush = time.monotonic()
+        with self._lock:
+            self._drop_torn_tail()
+            self._catch_up()
+
+    def __repr__(self): return f"RecordStore({self.path.name!r}, {len(self)} ids, {len(self._pending)} pending)"
+
+    def _drop_torn_tail(self):
+        "Cut a last line that lacks its newline (left by a writer killed mid-append). Call with the lock held."
+        if not self.path.exists(): return
+        with open(self.path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0: return
+            f.seek(size - 1)
+            if f.read(1) == b"\n": return
+            end = _last_newline(f, size) + 1
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        warnings.warn(f"{self.path}: dropped a torn last line of {size - end} bytes at offset {end} "
+                      "(a writer was killed in the middle of an append)", stacklevel=3)
 
     def append(self, record: Mapping):
         "Buffer `record`; the buffer is written when it holds `batch_size` records or `flush_every` seconds have passed."
@@ -468,36 +506,7 @@ class RecordStore:
     def __enter__(self): return self
     def __exit__(self, *exc): self.flush()
 
-    def done_ids(self, status=None) -> set:
-        "Ids with a record on disk; with `status` (a value or a collection), only ids whose latest record has that status."
-        self._catch_up()
-        if status is None: return set(self._status)
-        ok = {status} if isinstance(status, (str, int, bool)) else set(status)
-        return {i for i, s in self._status.items() if s in ok}
-
-    def pending(self, items: Iterable, id_of=None, status=None) -> list:
-        "The `items` not done yet; an item's id is `item[key]`, or `id_of(item)`."
-        done = self.done_ids(status)
-        id_of = id_of or (lambda it: it[self.key])
-        return [it for it in items if id_of(it) not in done]
-
-    def latest(self) -> dict:
-        "The latest record of every id, in order of first appearance."
-        return {rec[self.key]: rec for rec in self}
-
-    def __iter__(self) -> Iterator[dict]:
-        "Every record in file order (complete lines only)."
-        return (rec for _, rec in self._scan() if rec is not None)
-
-    def __len__(self) -> int:
-        self._catch_up()
-        return len(self._status)
-
-    def __contains__(self, rid) -> bool:
-        self._catch_up()
-        return rid in self._status
-
-# %% ../nbs/00_core.ipynb #578af86a
+# %% ../nbs/00_core.ipynb #da29f2f3
 class ImageStoreError(OSError):
     "A stored image that is missing, cannot be decoded, or whose pixels do not match the hash in its name."
 
@@ -512,7 +521,7 @@ def image_sha256(image: Image.Image) -> str:
     h.update(image.tobytes())
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #4d1f1d3f
+# %% ../nbs/00_core.ipynb #ef0cb5ab
 def to_pil(image) -> Image.Image:
     "A PIL image from a PIL image, a NumPy array (H, W[, C]) of uint8 or of floats in [0, 1], or a torch tensor (C, H, W)."
     if isinstance(image, Image.Image): return image
@@ -531,7 +540,7 @@ def to_pil(image) -> Image.Image:
     elif arr.dtype != np.uint8: raise ValueError(f"expected uint8 or float pixels, got {arr.dtype}")
     return Image.fromarray(arr)
 
-# %% ../nbs/00_core.ipynb #9b076f41
+# %% ../nbs/00_core.ipynb #22b172f7
 class ImageStore:
     "PNG files under `root`, named by the SHA-256 of their pixels, written atomically; an image is stored once."
 
@@ -569,7 +578,7 @@ class ImageStore:
             raise ImageStoreError(f"image file {path} is corrupt: its pixels hash to {got[:12]}…, its name says {path.stem[:12]}…")
         return im
 
-# %% ../nbs/00_core.ipynb #80dfe128
+# %% ../nbs/00_core.ipynb #92773792
 def progress_enabled() -> bool:
     "Show progress bars? `$INSTRUCTENGINE_PROGRESS` if set; off when `$CI` is set; on in a Jupyter kernel or a terminal."
     env = os.environ.get("INSTRUCTENGINE_PROGRESS")

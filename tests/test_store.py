@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instructengine.core import ImageStore, RecordStore
+from instructengine.core import ImageStore, RecordLog, RecordStore
 
 N = 400              # records a writer is asked for
 PAYLOAD = 2_000      # bytes of payload per record
@@ -162,7 +162,7 @@ def test_two_writers_at_once(tmp_path, start_writer):
     writers = [start_writer(path, tag=t, n=300, batch=b, go=go) for t, b in (("a", 7), ("b", 3))]
     for p, state in writers: assert state["ready"].wait(60), p.errors()
     go.touch()
-    reader, seen = RecordStore(path), 0
+    reader, seen = RecordLog(path), 0                            # read-only: never locks, never truncates
     with warnings.catch_warnings():
         warnings.simplefilter("error")                           # a reader must never meet a partial line
         while any(p.poll() is None for p, _ in writers):
