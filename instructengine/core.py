@@ -72,7 +72,7 @@ def _coerce(value, tp, key: str):
     if tp in (bool, int, float, str):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)): return value
         raise bad()
-    if _is_a(tp, os.PathLike) or tp is Path:
+    if _is_a(tp, os.PathLike):
         if isinstance(value, (str, os.PathLike)): return Path(value)
         raise bad()
     if _is_a(tp, Config):
@@ -90,7 +90,7 @@ def _coerce(value, tp, key: str):
             items = [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
         else:
             if len(value) != len(args): raise ConfigError(f"{key} = {value!r}: expected {len(args)} items ({_type_name(tp)})")
-            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         return items if kind is list else tuple(items)
     if tp is dict or origin is dict:
         if not isinstance(value, Mapping): raise bad()
@@ -129,7 +129,7 @@ def to_jsonable(x):
     if isinstance(x, (np.generic, np.ndarray)): return x.tolist()
     if isinstance(x, torch.Tensor): return x.detach().cpu().tolist()
     if isinstance(x, (torch.dtype, torch.device)): return str(x)
-    raise TypeError(f"{type(x).__name__} value {x!r} has no JSON form")
+    raise TypeError(f"{type(x).__name__} value {x!r:.60} has no JSON form")
 
 # %% ../nbs/00_core.ipynb #ee5f3438
 class Config:
@@ -315,7 +315,7 @@ class RunDir:
     def read_config(self, stage: str | None = None, cls: type | None = None):
         "All of config.yaml (a dict of stages), or one stage's section, as a dict or built into `cls`."
         data = load_yaml(self.config.read_text(encoding="utf-8"), str(self.config)) if self.config.exists() else None
-        data = data or {}
+        data = {} if data is None else data
         if not isinstance(data, dict): raise ConfigError(f"{self.config}: expected a mapping of stage names to configs")
         if stage is None: return data
         if stage not in data: raise KeyError(f"{self.config} has no section for stage {stage!r}; it has {list(data)}")
@@ -334,14 +334,18 @@ class RunDir:
                           f"{changed}; records this folder already holds were made with the old values", stacklevel=2)
         return changed
 
+    def metrics_path(self, where: str = "") -> Path:
+        "The metrics.json of the run (`where=''`) or of a stage folder (`where='dpo'`)."
+        return self.root / where / "metrics.json"
+
     def read_metrics(self, where: str = "") -> dict:
-        "The metrics.json of the run (`where=''`) or of a stage folder (`where='dpo'`); empty when there is none yet."
-        path = self.root / where / "metrics.json"
+        "The metrics (of the run, or of the stage folder `where`); empty when there are none yet."
+        path = self.metrics_path(where)
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
     def update_metrics(self, metrics: Mapping, where: str = "") -> dict:
         "Deep-merge `metrics` into metrics.json (of the run, or of the stage folder `where`) and return the result."
-        path = self.root / where / "metrics.json"
+        path = self.metrics_path(where)
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(path):
             merged = _merge(self.read_metrics(where), to_jsonable(metrics))
@@ -368,11 +372,6 @@ def _last_newline(f, end: int) -> int:
         if i >= 0: return start + i
         pos = start
     return -1
-
-def _json_default(x):
-    "Let `json.dumps` write NumPy, torch, `Path` and enum values."
-    try: return to_jsonable(x)
-    except TypeError: raise TypeError(f"{type(x).__name__} value {x!r:.60} is not JSON serializable") from None
 
 # %% ../nbs/00_core.ipynb #b559e562
 class RecordLog:
@@ -403,7 +402,8 @@ class RecordLog:
 
     def _catch_up(self):
         "Index the records appended since we last looked (by us in an earlier run, or by other processes)."
-        for self._offset, rec in self._scan(self._offset):
+        for end, rec in self._scan(self._offset):
+            self._offset = end                       # also past a bad line, so it is reported once
             if rec is not None: self._status[rec[self.key]] = rec.get(self.status_key)
 
     def done_ids(self, status=None) -> set:
@@ -475,7 +475,7 @@ class RecordStore(RecordLog):
         rid = record[self.key]
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
             raise TypeError(f"{self.path}: record id {rid!r} must be a str or an int")
-        try: line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+        try: line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=to_jsonable)
         except (TypeError, ValueError) as e: raise TypeError(f"{self.path}: record {rid!r} cannot be written as JSON: {e}") from None
         self._pending.append((rid, record.get(self.status_key), line))
         if len(self._pending) >= self.batch_size or time.monotonic() - self._last_flush >= self.flush_every: self.flush()
@@ -507,6 +507,8 @@ class RecordStore(RecordLog):
     def __exit__(self, *exc): self.flush()
 
 # %% ../nbs/00_core.ipynb #da29f2f3
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
 class ImageStoreError(OSError):
     "A stored image that is missing, cannot be decoded, or whose pixels do not match the hash in its name."
 
@@ -529,7 +531,7 @@ def to_pil(image) -> Image.Image:
         image = image.detach().float().cpu()
         image = (image.permute(1, 2, 0) if image.ndim == 3 else image).numpy()
     if not isinstance(image, np.ndarray): raise TypeError(f"expected a PIL image, NumPy array or torch tensor, got {type(image).__name__}")
-    arr = image
+    arr = image   # (H, W[, C])
     if arr.ndim == 3 and arr.shape[-1] == 1: arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
         raise ValueError(f"expected an image array of shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
@@ -566,7 +568,7 @@ class ImageStore:
     def get(self, ref, verify: bool = True) -> Image.Image:
         "Load an image by hash, path or `StoredImage`; with `verify`, check its pixels against the hash in its name."
         if isinstance(ref, StoredImage): path = ref.path
-        elif isinstance(ref, str) and re.fullmatch(r"[0-9a-f]{64}", ref): path = self.path_for(ref)
+        elif isinstance(ref, str) and _SHA256.fullmatch(ref): path = self.path_for(ref)
         else: path = Path(ref)
         if not path.is_file(): raise ImageStoreError(f"image file {path} does not exist")
         try:
@@ -574,7 +576,7 @@ class ImageStore:
                 f.load()
                 im = f.copy()
         except Exception as e: raise ImageStoreError(f"image file {path} is corrupt: it does not decode ({e})") from None
-        if verify and re.fullmatch(r"[0-9a-f]{64}", path.stem) and (got := image_sha256(im)) != path.stem:
+        if verify and _SHA256.fullmatch(path.stem) and (got := image_sha256(im)) != path.stem:
             raise ImageStoreError(f"image file {path} is corrupt: its pixels hash to {got[:12]}…, its name says {path.stem[:12]}…")
         return im
 

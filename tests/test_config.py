@@ -140,5 +140,7 @@ def test_run_dir_stage_sections(tmp_path):
     with pytest.warns(UserWarning, match=r"stage 'dpo' changed.*'inner\.lr': \(0\.0001, 0\.01\)"):
         run.write_config("dpo", Outer().with_overrides(**{"inner.lr": 1e-2}))
     with pytest.raises(KeyError, match="no section for stage 'eval'"): run.read_config("eval")
+    run.config.write_text("[]\n")                                # not "no stages": a file that is not a mapping
+    with pytest.raises(ConfigError, match="expected a mapping of stage names to configs"): run.read_config()
     run.config.write_text("dpo:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"config\.yaml: dpo: unknown key 'stepz'"): run.read_config("dpo", Outer)

@@ -6,7 +6,6 @@ before it killed the writer.
 """
 import hashlib
 import json
-import os
 import random
 import re
 import signal
