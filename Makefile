@@ -1,4 +1,5 @@
 # The README's commands. Everything runs from .venv, created on first use; nothing needs activating.
+#   make sandbox   set up .venv if needed, then run the sandbox end to end (the README's main job)
 #   make test      set up .venv if needed, then run every test (the README's test command; CI runs it)
 #   make lab       open the notebooks in JupyterLab
 #   make export    notebooks -> package (nbdev_export) and clean notebook metadata (nbdev_clean)
@@ -8,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 N      ?= nbs/[0-9]*.ipynb nbs/index.ipynb
 
-.PHONY: install test sync-check nbtest pytest export outputs lab
+.PHONY: install sandbox test sync-check nbtest pytest export outputs lab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,15 @@ $(VENV)/.installed: settings.ini setup.py | $(BIN)/python
 install: $(VENV)/.installed
 
 test: sync-check nbtest pytest
+
+# the main job: the sandbox pipeline as far as it goes today, into runs/sandbox/ (executed notebook, eval/, metrics)
+RUN ?= runs/sandbox
+sandbox: install
+	mkdir -p $(RUN)/notebooks
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/01b_sandbox_generator.ipynb $(RUN)/notebooks/01b_sandbox_generator.ipynb \
+		--cwd nbs -p run_dir ../$(RUN) -p per_prompt 4
+	@echo; echo "ShapesBench, base sandbox generator, 4 images per prompt (exact match, 95% bootstrap interval):"
+	@$(BIN)/python -c "import pandas as pd; print(pd.read_csv('$(RUN)/eval/shapesbench-base.csv', index_col=0).round(3).to_string())"
 
 # the package and the notebooks must be in sync: exporting and cleaning must not change the tree
 sync-check: install
