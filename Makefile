@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 N      ?= nbs/[0-9]*.ipynb nbs/index.ipynb
 
-.PHONY: install sandbox test sync-check nbtest pytest export outputs lab
+.PHONY: install sandbox bench-sandbox test sync-check nbtest pytest export outputs lab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed: settings.ini setup.py | $(BIN)/python
 install: $(VENV)/.installed
 
 test: sync-check nbtest pytest
+
+# speed of the shipped sandbox generator: 64 images at the shipped settings (target: <= 30 s on 2 CPU cores)
+bench-sandbox: install
+	$(BIN)/python -c "from instructengine.sandbox_generator import benchmark_generation; print(benchmark_generation(64, repeats=3))"
 
 # the main job: the sandbox pipeline as far as it goes today, into runs/sandbox/ (executed notebook, eval/, metrics)
 RUN ?= runs/sandbox

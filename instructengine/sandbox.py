@@ -289,7 +289,7 @@ def scene_diff(a: Scene, b: Scene) -> list:
     out = []
     if len(a.groups) != len(b.groups):
         out.append({"slot": "groups", "a": len(a.groups), "b": len(b.groups)})
-    for i, (ga, gb) in enumerate(zip(a.groups, b.groups)):
+    for i, (ga, gb) in enumerate(zip(a.groups, b.groups, strict=False)):   # extra groups: the 'groups' slot says so
         for f in ("shape", "color", "count", "size", "position"):
             va, vb = getattr(ga, f), getattr(gb, f)
             if va != vb: out.append({"slot": f"groups[{i}].{f}", "a": va, "b": vb})

@@ -23,7 +23,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from .core import Config, seed_everything
+from .core import Config
 from .sandbox import N_TEMPLATES, bench_keys, caption, render, sample_scene
 
 # %% ../nbs/01a_sandbox_clip.ipynb #c46ec0e2

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['VAE_CFG', 'UNET_CFG', 'SCHEDULER_CFG', 'GENERATE_DEFAULTS', 'clip_tokenizer', 'text_tower_to_hf', 'make_pipeline',
            'GeneratorTrainConfig', 'train_vae', 'encode_text', 'train_unet', 'sandbox_generator_path',
-           'load_sandbox_generator', 'generate', 'bench_images', 'BaseBenchConfig', 'run_base_bench']
+           'load_sandbox_generator', 'generate', 'benchmark_generation', 'bench_images', 'BaseBenchConfig',
+           'train_generator', 'run_base_bench']
 
 # %% ../nbs/01b_sandbox_generator.ipynb #465e23ae
 import gzip
@@ -15,13 +16,16 @@ from pathlib import Path
 from importlib import resources
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
-from .core import Config, RunDir, pick_device, pick_dtype, progress, seed_everything
+from .core import Config, RunDir, pick_device, pick_dtype, progress, progress_enabled
 from .sandbox import load_shapesbench, score_bench
 from .sandbox_clip import ClipTrainConfig, clip_data, load_sandbox_clip, lr_at, to_tensor
 
@@ -126,10 +130,11 @@ def encode_text(text_encoder, tokenizer, caps: list) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
-def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np.ndarray, caps: list, log=print, on_step=None) -> tuple:
-    "Train a fresh UNet on cached latents and text states. `on_step(step, unet)` runs after every step (checkpoints)."
+def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np.ndarray, caps: list, log=print,
+               on_step=None, unet=None) -> tuple:
+    "Train a UNet (fresh, or `unet` to continue) on cached latents and text states. `on_step(step, unet)` runs after every step."
     torch.manual_seed(cfg.seed)
-    unet = UNet2DConditionModel(**UNET_CFG)
+    unet = (unet or UNet2DConditionModel(**UNET_CFG)).train()
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CFG.items() if k != "set_alpha_to_one"})
     x = to_tensor(imgs)
     with torch.no_grad():
@@ -157,7 +162,7 @@ def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np
         if log and (step % 100 == 0 or step == cfg.unet_steps - 1): log(f"unet step {step} loss {np.mean(hist[-100:]):.4f} {time.time()-t0:.0f}s")
     return unet.eval(), hist
 
-# %% ../nbs/01b_sandbox_generator.ipynb #b795e427
+# %% ../nbs/01b_sandbox_generator.ipynb #57ffc717
 def sandbox_generator_path() -> Path:
     "The folder of the shipped sandbox generator (a StableDiffusionPipeline folder) inside the installed package."
     return Path(str(resources.files("instructengine") / "weights" / "sandbox-generator"))
@@ -169,7 +174,9 @@ def load_sandbox_generator(path=None, device: str = None, dtype=None) -> StableD
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"sandbox generator: no model_index.json in {path}")
     device = pick_device(device)
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=pick_dtype(device, dtype))
+    if not progress_enabled():   # diffusers and transformers show loading bars of their own
+        diffusers_logging.disable_progress_bar(); transformers_logging.disable_progress_bar()
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=pick_dtype(device, dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -183,7 +190,21 @@ def generate(pipe, prompts: list, seeds: list, batch_size: int = 64, **kwargs) -
         out += pipe(list(prompts[i:i + batch_size]), generator=gens, **kw).images
     return out
 
-# %% ../nbs/01b_sandbox_generator.ipynb #60f632f0
+# %% ../nbs/01b_sandbox_generator.ipynb #cdbcbf87
+def benchmark_generation(n: int = 64, repeats: int = 2, pipe=None, **kwargs) -> dict:
+    "Seconds to generate `n` ShapesBench-style images at the shipped settings (best and mean of `repeats`, after a warm-up)."
+    pipe = pipe or load_sandbox_generator()
+    prompts = [r["prompt"] for r in load_shapesbench()][:n]
+    prompts += prompts[:n - len(prompts)]
+    generate(pipe, prompts[:2], [0, 1], **kwargs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); generate(pipe, prompts, list(range(n)), batch_size=n, **kwargs)
+        times.append(time.perf_counter() - t0)
+    return {"images": n, "best_s": round(min(times), 2), "mean_s": round(float(np.mean(times)), 2),
+            "device": str(pipe.device), "threads": torch.get_num_threads()}
+
+# %% ../nbs/01b_sandbox_generator.ipynb #3120f85e
 def bench_images(pipe, bench: list, per_prompt: int = 4, seed: int = 0, **kwargs) -> dict:
     "Generate `per_prompt` images for each ShapesBench prompt with seeds seed, seed+1, ...: {prompt id: [images]}."
     prompts = [r["prompt"] for r in bench for _ in range(per_prompt)]
@@ -201,14 +222,29 @@ class BaseBenchConfig(Config):
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     batch_size: int = 64
+    generator: str = ""          # a StableDiffusionPipeline folder; "" = the shipped sandbox generator
 
 
-def run_base_bench(cfg: BaseBenchConfig) -> "pd.DataFrame":
-    "Score the shipped sandbox generator on ShapesBench into the run folder; returns the per-category table."
+def train_generator(cfg: GeneratorTrainConfig, out_dir, clip_cfg: ClipTrainConfig = None, log=print) -> Path:
+    "The full recipe: VAE, then UNet (checkpoints every 500 steps in out_dir/unet-STEP), on the sandbox CLIP's pairs."
+    (imgs, caps, _), _ = clip_data(clip_cfg or ClipTrainConfig())
+    clip_model, _, _ = load_sandbox_clip()
+    text, tok = text_tower_to_hf(clip_model), clip_tokenizer()
+    out_dir = Path(out_dir)
+    vae, _ = train_vae(cfg, imgs, log=log)
+    def snapshot(step, unet):
+        if step % 500 == 0: unet.save_pretrained(out_dir / f"unet-{step}")
+    unet, _ = train_unet(cfg, vae, text, tok, imgs, caps, log=log, on_step=snapshot)
+    make_pipeline(vae, text, tok, unet).save_pretrained(out_dir)
+    return out_dir
+
+
+def run_base_bench(cfg: BaseBenchConfig) -> pd.DataFrame:
+    "Score a sandbox generator (default: the shipped one) on ShapesBench into the run folder; returns the per-category table."
     run = RunDir(cfg.run_dir)
     run.write_config("base_bench", cfg)
     bench = load_shapesbench()
-    pipe = load_sandbox_generator()
+    pipe = load_sandbox_generator(cfg.generator or None)
     t0 = time.time()
     images = bench_images(pipe, bench, cfg.per_prompt, cfg.seed, num_inference_steps=cfg.num_inference_steps,
                           guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)

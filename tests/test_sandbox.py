@@ -113,6 +113,11 @@ def _guard(self, address, *a):
         raise OSError(f"network blocked by the test: {address}")
     return _connect(self, address, *a)
 socket.socket.connect = _guard
+_getaddrinfo = socket.getaddrinfo
+def _resolve(host, *a, **k):
+    if host not in (None, "127.0.0.1", "::1", "localhost"): raise OSError(f"network blocked by the test: {host}")
+    return _getaddrinfo(host, *a, **k)
+socket.getaddrinfo = _resolve
 """
 
 
