@@ -44,7 +44,7 @@ def test_parse_errors_name_the_problem():
     with pytest.raises(sb.SceneError, match="at most 4"): sb.Scene((sb.Group("circle", "red", 3), sb.Group("square", "blue", 2)))
 
 
-def _read(objs, scene_groups=None, size=32, finish=None):
+def _read(objs, size=32, finish=None):
     scene = sb.Scene((sb.Group(objs[0].shape, objs[0].color),), finish=finish)
     return sb.read_image(sb.render(scene, 0, size, objs=tuple(objs)))
 
