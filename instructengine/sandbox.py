@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
@@ -61,10 +62,9 @@ def _room_problem(groups, sizes=None):
         if sum(g.count for g in groups if g.position == "center") > 1: return "the center holds one object"
         if len(groups) > 1 and (sum(g.count for g in groups) > 3 or "large" in sizes):
             return "beside an object in the center there is room for at most two more objects, all small"
-    for zone in set(zones) - {"center"}:
+    for zone in set(zones) - {"center", None}:   # edge zones; the whole canvas comes next
         if _units(groups, zone, sizes) > CAPACITY[zone]:
-            where = f"the {zone} zone" if zone else "the canvas"
-            return f"too many objects for {where}: {_units(groups, zone, sizes)} units, room for {CAPACITY[zone]}"
+            return f"too many objects for the {zone} zone: {_units(groups, zone, sizes)} units, room for {CAPACITY[zone]}"
     if _units(groups, None, sizes) > CAPACITY[None]:
         return f"too many objects for the canvas: {_units(groups, None, sizes)} units, room for {CAPACITY[None]}"
     if set(zones) in ({"left", "top"}, {"left", "bottom"}, {"right", "top"}, {"right", "bottom"}) and _units(groups, None, sizes) > 4:
@@ -630,7 +630,6 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
     return tuple(float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
 def score_bench(bench: list, images: dict, n_boot: int = 1000) -> tuple:
     "Check every image of every prompt (`images[id]` = list of images). Returns (per-image rows, per-category table)."
-    import pandas as pd
     rows = []
     for item in bench:
         scene = Scene.from_dict(item["scene"])

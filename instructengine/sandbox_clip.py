@@ -120,14 +120,14 @@ def train_clip(cfg: ClipTrainConfig, imgs: np.ndarray, caps: list, log=print) ->
 def retrieval(model, imgs: np.ndarray, scenes: list, k: tuple = (1, 5)) -> dict:
     "Image -> text retrieval accuracy (top-k) over the distinct scenes of a held-out set."
     register_sandbox_clip(); tok = open_clip.get_tokenizer(SANDBOX_CLIP)
-    keys = [s.key() for s in scenes]
-    uniq = list(dict.fromkeys(keys))
-    first = {key: scenes[keys.index(key)] for key in uniq}
-    te = model.encode_text(tok([caption(first[key]) for key in uniq]), normalize=True)
+    first = {}                                    # scene key -> its first scene, in order of appearance
+    for s in scenes: first.setdefault(s.key(), s)
+    index = {key: i for i, key in enumerate(first)}
+    te = model.encode_text(tok([caption(s) for s in first.values()]), normalize=True)
     ie = torch.cat([model.encode_image(to_tensor(imgs[i:i + 256]), normalize=True) for i in range(0, len(imgs), 256)])
     rank = (ie @ te.T).argsort(1, descending=True)
-    truth = torch.tensor([uniq.index(key) for key in keys])
-    return {f"top{j}": float((rank[:, :j] == truth[:, None]).any(1).float().mean()) for j in k} | {"n_captions": len(uniq)}
+    truth = torch.tensor([index[s.key()] for s in scenes])
+    return {f"top{j}": float((rank[:, :j] == truth[:, None]).any(1).float().mean()) for j in k} | {"n_captions": len(first)}
 
 # %% ../nbs/01a_sandbox_clip.ipynb #2dab4428
 def save_clip(model, folder) -> Path:
