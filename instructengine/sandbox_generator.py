@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['VAE_CFG', 'UNET_CFG', 'SCHEDULER_CFG', 'GENERATE_DEFAULTS', 'clip_tokenizer', 'text_tower_to_hf', 'make_pipeline',
-           'GeneratorTrainConfig', 'train_vae', 'encode_text', 'train_unet', 'sandbox_generator_path',
+           'GeneratorTrainConfig', 'train_vae', 'encode_text', 'min_snr_weight', 'train_unet', 'sandbox_generator_path',
            'load_sandbox_generator', 'generate', 'benchmark_generation', 'bench_images', 'BaseBenchConfig',
            'train_generator', 'run_base_bench']
 
 # %% ../nbs/01b_sandbox_generator.ipynb #465e23ae
+import copy
 import gzip
 import time
 from dataclasses import dataclass
@@ -94,11 +95,15 @@ class GeneratorTrainConfig(Config):
     vae_batch: int = 64
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 2500
+    unet_steps: int = 2500       # stage 1: the plain DDPM loss, from a fresh UNet
     unet_batch: int = 64
     unet_lr: float = 5e-4
     warmup: int = 200
-    uncond_prob: float = 0.1   # share of captions replaced by "" (classifier-free guidance)
+    uncond_prob: float = 0.1     # share of captions replaced by "" (classifier-free guidance)
+    refine_steps: int = 6000     # stage 2: a warm restart from stage 1 (0 = no stage 2)
+    refine_lr: float = 5e-4
+    snr_gamma: float = 5.0       # stage 2 loss weight min(SNR, gamma) / SNR (Min-SNR; 0 = off)
+    ema_decay: float = 0.999     # stage 2 keeps an exponential moving average of the weights (0 = off)
     seed: int = 0
 
 
@@ -130,11 +135,26 @@ def encode_text(text_encoder, tokenizer, caps: list) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    "Min-SNR-gamma loss weights for epsilon prediction: min(SNR_t, gamma) / SNR_t, with SNR_t = abar_t / (1 - abar_t)."
+    abar = alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np.ndarray, caps: list, log=print,
-               on_step=None, unet=None) -> tuple:
-    "Train a UNet (fresh, or `unet` to continue) on cached latents and text states. `on_step(step, unet)` runs after every step."
-    torch.manual_seed(cfg.seed)
+               on_step=None, unet=None, stage: str = "base") -> tuple:
+    """Train a UNet on cached latents and text states. `stage="base"`: stage 1 (fresh, or `unet` to continue);
+    `stage="refine"`: stage 2, a warm restart of `unet` with Min-SNR weights and an EMA, which it returns.
+    `on_step(step, model)` runs after every step with the model being returned."""
+    if stage not in ("base", "refine"): raise ValueError(f"train_unet: stage {stage!r}, expected 'base' or 'refine'")
+    refine = stage == "refine"
+    if refine and unet is None: raise ValueError("train_unet: stage 'refine' continues a trained UNet; pass unet=")
+    steps, lr, seed = (cfg.refine_steps, cfg.refine_lr, cfg.seed + 1) if refine else (cfg.unet_steps, cfg.unet_lr, cfg.seed)
+    gamma, decay = (cfg.snr_gamma, cfg.ema_decay) if refine else (0.0, 0.0)
+    torch.manual_seed(seed)
     unet = (unet or UNet2DConditionModel(**UNET_CFG)).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False) if decay else None
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CFG.items() if k != "set_alpha_to_one"})
     x = to_tensor(imgs)
     with torch.no_grad():
@@ -143,11 +163,11 @@ def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np
         emb = torch.cat([encode_text(text_encoder, tokenizer, uniq[i:i + 1024]) for i in range(0, len(uniq), 1024)])
         null = encode_text(text_encoder, tokenizer, [""])[0]
     cap_idx = torch.tensor([index[c] for c in caps])
-    if log: log(f"cached {len(lat)} latents {tuple(lat.shape[1:])}, {len(uniq)} caption embeddings")
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    g = torch.Generator().manual_seed(cfg.seed); hist = []; t0 = time.time()
-    for step in range(cfg.unet_steps):
-        for grp in opt.param_groups: grp["lr"] = lr_at(step, cfg.unet_steps, cfg.warmup, cfg.unet_lr)
+    if log: log(f"{stage}: cached {len(lat)} latents {tuple(lat.shape[1:])}, {len(uniq)} caption embeddings")
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(seed); hist = []; t0 = time.time()
+    for step in range(steps):
+        for grp in opt.param_groups: grp["lr"] = lr_at(step, steps, cfg.warmup, lr)
         b = torch.randint(0, len(lat), (cfg.unet_batch,), generator=g)
         z0 = lat[b]; c = emb[cap_idx[b]]
         drop = torch.rand(len(b), generator=g) < cfg.uncond_prob
@@ -155,12 +175,16 @@ def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(b),), generator=g)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=c).sample
-        loss = F.mse_loss(pred, noise)
+        if gamma: loss = (min_snr_weight(sched.alphas_cumprod, t, gamma) * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        else: loss = F.mse_loss(pred, noise)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0); opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True): pe.lerp_(p, 1 - decay)
         hist.append(loss.item())
-        if on_step: on_step(step + 1, unet)
-        if log and (step % 100 == 0 or step == cfg.unet_steps - 1): log(f"unet step {step} loss {np.mean(hist[-100:]):.4f} {time.time()-t0:.0f}s")
-    return unet.eval(), hist
+        if on_step: on_step(step + 1, ema if ema is not None else unet)
+        if log and (step % 100 == 0 or step == steps - 1): log(f"{stage} step {step} loss {np.mean(hist[-100:]):.4f} {time.time()-t0:.0f}s")
+    return (ema if ema is not None else unet.eval()), hist
 
 # %% ../nbs/01b_sandbox_generator.ipynb #57ffc717
 def sandbox_generator_path() -> Path:
