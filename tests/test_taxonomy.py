@@ -1,0 +1,259 @@
+"Taxonomy stage: validation, the offline and sandbox writers, the LLM writers over real HTTP, and resuming a killed run."
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from instructengine.core import RecordStore
+from instructengine.taxonomy import (DIMENSIONS, ChatWriterConfig, OpenAIChatWriter, SandboxWriter, Taxonomy, TaxonomyError,
+                                     TemplateWriter, TransformersWriter, extract_json, sandbox_taxonomy, verify_sandbox_pair,
+                                     write_pairs)
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = {"name": "mini", "slots": {"counts": ["one", "two", "three"], "attributes": ["red", "blue", "wooden"],
+                                  "styles": ["a photograph", "a watercolor painting"], "counterfactuals": ["made of glass"]},
+        "themes": [{"name": "food", "subtopics": [{"name": "fruit", "objects": ["apple", "pear", "plum"]}]}]}
+
+
+def mini(**edit) -> dict:
+    d = json.loads(json.dumps(MINI))
+    for path, value in edit.items():
+        node, *keys = path.split("__")
+        tgt = d if node == "root" else d["themes"][0] if node == "theme" else d["themes"][0]["subtopics"][0]
+        tgt[keys[0]] = value
+    return d
+
+
+@pytest.mark.parametrize("data, message", [
+    (mini(theme__subtopics=[{"name": "fruit", "objects": ["apple"]}, {"name": "Fruit", "objects": ["pear"]}]), "subtopics[1].name: duplicate subtopic 'Fruit'"),
+    (mini(sub__name="  "), "themes[0].subtopics[0].name: expected a non-empty name"),
+    (mini(root__themes=[MINI["themes"][0], MINI["themes"][0]]), "themes[1].name: duplicate theme 'food'"),
+    (mini(sub__colours=["red"]), "subtopics[0].colours: unknown slot"),
+    (mini(sub__objects=["apple", "apple"]), "subtopics[0].objects[1]: duplicate 'apple'"),
+    (mini(sub__objects=[]), "subtopics[0].objects: expected a non-empty list"),
+    ({"name": "x", "themes": [{"name": "t", "subtopics": [{"name": "s"}]}]}, "no objects"),
+    ({"name": "x", "themes": []}, "themes: expected a non-empty list"),
+])
+def test_validation_errors_name_the_item(data, message):
+    with pytest.raises(TaxonomyError, match=message.replace("[", r"\[").replace("]", r"\]")): Taxonomy.from_dict(data)
+
+
+def test_default_taxonomy_and_yaml_json_round_trip(tmp_path):
+    t = Taxonomy.default()
+    assert len(t.themes) == 20 and all(len(th.subtopics) == 20 for th in t.themes)
+    assert len({s.id for s in t.subtopics}) == 400
+    for suffix in (".yaml", ".json"):
+        back = Taxonomy.load(t.save(tmp_path / f"t{suffix}"))
+        assert back.to_dict() == t.to_dict() and [s.vocab for s in back.subtopics] == [s.vocab for s in t.subtopics]
+
+
+def test_template_writer_2000_pairs_one_structured_edit_each(tmp_path):
+    t = Taxonomy.default()
+    counts = write_pairs(TemplateWriter(t), t, tmp_path / "raw.jsonl", n=5)
+    recs = list(RecordStore(tmp_path / "raw.jsonl").latest().values())
+    assert counts == {"ok": 2000} and len(recs) == 2000
+    mix = {d: sum(r["dimension"] == d for r in recs) for d in DIMENSIONS}
+    assert all(600 <= v <= 740 for v in mix.values()), mix
+    for r in recs:
+        assert r["a"] != r["b"] and len(r["diff"]) == 1, r
+        d = r["diff"][0]
+        slot = "count" if r["kind"] == "count" else r["kind"]
+        assert d["slot"] == slot and r["spec_b"].get(slot) == d["value_b"] and r["spec_a"].get(slot) == d["value_a"]
+
+
+def test_sandbox_pairs_all_verified_and_outside_shapesbench(tmp_path):
+    from instructengine.sandbox import Scene, bench_keys
+    t = sandbox_taxonomy()
+    counts = write_pairs(SandboxWriter(), t, tmp_path / "raw.jsonl", n=8)
+    recs = list(RecordStore(tmp_path / "raw.jsonl").latest().values())
+    assert counts == {"ok": 8 * 35}
+    assert all(verify_sandbox_pair(r) for r in recs)
+    keys = bench_keys()
+    assert not any(Scene.from_dict(r["spec_a"]).key() in keys or Scene.from_dict(r["spec_b"]).key() in keys for r in recs)
+    bad = dict(recs[0], diff=[{"slot": "groups[0].color", "value_a": "red", "value_b": "blue"}])
+    assert verify_sandbox_pair(bad) is (bad["diff"] == recs[0]["diff"])
+
+
+def test_extract_json_tolerates_fences_and_prose():
+    assert extract_json('Sure! ```json\n{"a": {"b": "}"}}\n``` hope it helps') == {"a": {"b": "}"}}
+    assert extract_json('{broken} then {"ok": 1}') == {"ok": 1}
+    with pytest.raises(ValueError, match="no JSON object"): extract_json("no braces here")
+
+
+# ---- LLM writers over real HTTP on loopback
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def completion(content: str) -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                                                          "finish_reason": "stop"}]}).encode()
+
+
+class Scripted(BaseHTTPRequestHandler):
+    "Answers /v1/chat/completions from the server's script: a list of (status, body) used in order, the last one repeated."
+    def do_POST(self):
+        n = int(self.headers.get("content-length", 0)); body = json.loads(self.rfile.read(n))
+        srv = self.server
+        with srv.lock:
+            srv.requests.append({"body": body, "auth": self.headers.get("authorization")})
+            status, payload = srv.script[min(len(srv.requests) - 1, len(srv.script) - 1)]
+        self.send_response(status); self.send_header("content-type", "application/json")
+        if status == 429: self.send_header("retry-after", "0")
+        self.send_header("content-length", str(len(payload))); self.end_headers(); self.wfile.write(payload)
+    def log_message(self, *a): pass
+
+
+@pytest.fixture
+def scripted_server():
+    servers = []
+    def start(script):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+        srv.script, srv.requests, srv.lock = script, [], threading.Lock()
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    yield start
+    for s in servers: s.shutdown(); s.server_close()
+
+
+def sub():
+    return Taxonomy.from_dict(MINI).subtopics[0]
+
+
+def test_retry_after_429_then_cache(scripted_server, tmp_path, monkeypatch):
+    good = completion(json.dumps({"instructions": ["a red apple on a plate", "two pears in a bowl"]}))
+    srv, url = scripted_server([(429, b'{"error": "slow down"}'), (503, b"busy"), (200, good)])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    w = OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m", backoff=0.01, cache_dir=str(tmp_path / "cache")))
+    out = w.write_base(sub(), 2)
+    assert [r["status"] for r in out] == ["ok", "ok"] and out[0]["text"] == "a red apple on a plate"
+    assert len(srv.requests) == 3 and srv.requests[0]["auth"] == "Bearer sk-secret-123"
+    assert srv.requests[0]["body"]["response_format"]["type"] == "json_schema"
+    assert "sk-secret" not in repr(w) and "sk-secret" not in json.dumps(w.cfg.to_dict())
+    again = OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m", cache_dir=str(tmp_path / "cache"))).write_base(sub(), 2)
+    assert again == out and len(srv.requests) == 3          # answered from the disk cache
+
+
+def test_malformed_output_is_retried_then_recorded(scripted_server):
+    srv, url = scripted_server([(200, completion("I would rather write a poem."))])
+    w = OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m", max_parse_retries=2, backoff=0.01))
+    r = w.write_contrast({"text": "a red apple"}, "content")
+    assert r["status"] == "malformed" and r["raw"] == "I would rather write a poem." and "no JSON object" in r["error"]
+    assert len(srv.requests) == 3
+    srv.script = [(200, completion(json.dumps({"instruction": "a blue apple", "slot": "attribute", "value_a": "red", "value_b": "green"})))]
+    r = OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m", max_parse_retries=0)).write_contrast({"text": "a red apple"}, "content")
+    assert r["status"] == "malformed" and "does not occur" in r["error"]
+
+
+def test_server_that_never_answers_times_out_into_a_record():
+    with socket.socket() as s:                    # accepts connections, never replies
+        s.bind(("127.0.0.1", 0)); s.listen(8)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        w = OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m", timeout=0.3, max_retries=1, backoff=0.01))
+        t0 = time.time()
+        out = w.write_base(sub(), 3)
+    assert time.time() - t0 < 5
+    assert [r["status"] for r in out] == ["timeout"] * 3 and "within 0.3 s" in out[0]["error"] and "after 2 tries" in out[0]["error"]
+
+
+def test_http_400_is_not_retried(scripted_server):
+    srv, url = scripted_server([(400, b'{"detail": "bad model"}')])
+    r = OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m")).write_contrast({"text": "a red apple"}, "aesthetics")
+    assert r["status"] == "http_error" and "bad model" in r["error"] and len(srv.requests) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    "A tiny Qwen2 chat model with random weights and a tokenizer trained here: a real model folder, no download."
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE()); bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["You write instructions for a text-to-image model.", '{"instructions": ["a red apple"]}'],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    m = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=m["vocab"], merges=[tuple(x) for x in m["merges"]], eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": special[1:]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    Qwen2ForCausalLM(cfg).save_pretrained(folder); tok.save_pretrained(folder)
+    return folder
+
+
+def test_transformers_writer_records_garbage_as_malformed(tiny_llm):
+    w = TransformersWriter(str(tiny_llm), max_new_tokens=12, max_parse_retries=1)
+    out = w.write_base(sub(), 2)
+    assert [r["status"] for r in out] == ["malformed"] * 2 and out[0]["raw"] and out[0]["error"]
+
+
+@pytest.mark.slow
+def test_openai_writer_against_transformers_serve(tiny_llm, tmp_path):
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    (tmp_path / "hub").mkdir()
+    log = open(tmp_path / "serve.log", "w")
+    cli = Path(sys.executable).with_name("transformers")
+    proc = subprocess.Popen([str(cli), "serve", str(tiny_llm), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        import httpx
+        for _ in range(240):
+            if proc.poll() is not None: pytest.fail(f"transformers serve exited: {(tmp_path / 'serve.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200: break
+            except httpx.TransportError: time.sleep(0.5)
+        else: pytest.fail("transformers serve did not come up in 120 s")
+        w = OpenAIChatWriter(ChatWriterConfig(base_url=f"http://127.0.0.1:{port}/v1", model=str(tiny_llm), max_tokens=16,
+                                              temperature=0.0, response_format="none", max_parse_retries=1, timeout=60))
+        base = w.write_base(sub(), 2)
+        con = w.write_contrast({"text": "a red apple"}, "counterfactual")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM); proc.wait(30)
+    assert [r["status"] for r in base] == ["malformed"] * 2 and base[0]["raw"], base   # a real reply: random tokens, no JSON
+    assert con["status"] == "malformed" and con["raw"]
+
+
+# ---- killed mid-run, rerun: each pair exactly once
+
+SCRIPT = """
+import sys, time
+from instructengine.taxonomy import Taxonomy, TemplateWriter, write_pairs
+class Slow(TemplateWriter):
+    def write_contrast(self, base, dimension, seed=0):
+        time.sleep(float(sys.argv[2])); return super().write_contrast(base, dimension, seed)
+t = Taxonomy.default()
+print(write_pairs(Slow(t), t, sys.argv[1], n=5), flush=True)
+"""
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
+    script = tmp_path / "w.py"; script.write_text(SCRIPT)
+    raw, clean = tmp_path / "raw.jsonl", tmp_path / "clean.jsonl"
+    env = dict(os.environ, INSTRUCTENGINE_PROGRESS="0")
+    p = subprocess.Popen([sys.executable, str(script), str(raw), "0.004"], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not raw.exists() or raw.read_bytes().count(b"\n") < 300): time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    lines_at_kill = raw.read_bytes().count(b"\n")
+    assert 300 <= lines_at_kill < 2000
+    subprocess.run([sys.executable, str(script), str(raw), "0"], env=env, check=True)
+    subprocess.run([sys.executable, str(script), str(clean), "0"], env=env, check=True)
+    ids = [json.loads(line)["id"] for line in raw.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 2000
+    resumed, fresh = RecordStore(raw).latest(), RecordStore(clean).latest()
+    assert resumed == fresh
