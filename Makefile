@@ -28,10 +28,13 @@ test: sync-check nbtest pytest
 bench-sandbox: install
 	$(BIN)/python -c "from instructengine.sandbox_generator import benchmark_generation; print(benchmark_generation(64, repeats=3))"
 
-# the main job: the sandbox pipeline as far as it goes today, into runs/sandbox/ (executed notebook, eval/, metrics)
+# the main job: the sandbox pipeline as far as it goes today, into runs/sandbox/ (executed notebooks, instructions, eval/, metrics)
 RUN ?= runs/sandbox
 sandbox: install
 	mkdir -p $(RUN)/notebooks
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/02_taxonomy.ipynb $(RUN)/notebooks/02_taxonomy.ipynb --cwd nbs -p run_dir ../$(RUN)
+	@echo; echo "Contrast instruction pairs (sandbox taxonomy, ShapesWorld writer):"
+	@$(BIN)/python -c "import json; print(json.dumps(json.load(open('$(RUN)/metrics.json'))['taxonomy']))"
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/01b_sandbox_generator.ipynb $(RUN)/notebooks/01b_sandbox_generator.ipynb \
 		--cwd nbs -p run_dir ../$(RUN) -p per_prompt 4
 	@echo; echo "ShapesBench, base sandbox generator, 4 images per prompt (exact match, 95% bootstrap interval):"

@@ -4,13 +4,13 @@
 
 # %% auto #0
 __all__ = ['SLOT_KEYS', 'DIMENSIONS', 'KINDS', 'SPEC_SLOTS', 'NUMBER_WORDS', 'FOCUS', 'CONTRAST_SLOTS', 'BASE_SCHEMA',
-           'CONTRAST_SCHEMA', 'TaxonomyError', 'slug', 'Subtopic', 'Theme', 'Taxonomy', 'sandbox_taxonomy', 'plural',
-           'noun_phrase', 'compose', 'spec_diff', 'stable_rng', 'InstructionWriter', 'TemplateMix', 'TemplateWriter',
-           'SandboxWriter', 'verify_sandbox_pair', 'WriterUnavailable', 'load_prompt_templates', 'extract_json',
-           'DiskCache', 'LLMWriter', 'ChatWriterConfig', 'OpenAIChatWriter', 'TransformersWriter',
-           'load_sentence_encoder', 'embed_texts', 'near_duplicates', 'dedup_pairs', 'group_analogous',
-           'dimension_plan', 'pair_records', 'write_pairs', 'load_taxonomy', 'TaxonomyRunConfig', 'make_writer',
-           'finalize_pairs', 'pair_table', 'plot_pair_counts', 'run_taxonomy']
+           'CONTRAST_SCHEMA', 'FINAL_STATUSES', 'TaxonomyError', 'slug', 'Subtopic', 'Theme', 'Taxonomy',
+           'sandbox_taxonomy', 'plural', 'noun_phrase', 'compose', 'spec_diff', 'stable_rng', 'InstructionWriter',
+           'TemplateMix', 'TemplateWriter', 'SandboxWriter', 'verify_sandbox_pair', 'WriterUnavailable',
+           'load_prompt_templates', 'extract_json', 'DiskCache', 'LLMWriter', 'ChatWriterConfig', 'OpenAIChatWriter',
+           'TransformersWriter', 'load_sentence_encoder', 'embed_texts', 'near_duplicates', 'dedup_pairs',
+           'group_analogous', 'dimension_plan', 'pair_records', 'write_pairs', 'load_taxonomy', 'TaxonomyRunConfig',
+           'make_writer', 'finalize_pairs', 'pair_table', 'plot_pair_counts', 'run_taxonomy']
 
 # %% ../nbs/02_taxonomy.ipynb #f6ab73cc
 import hashlib
@@ -741,14 +741,18 @@ def pair_records(writer: InstructionWriter, subtopic: Subtopic, n: int, dims: li
     return out
 
 
+FINAL_STATUSES = ("ok", "no_edit")   # a rerun writes every other status again (timeouts, HTTP errors, malformed replies)
+
+
 def write_pairs(writer: InstructionWriter, taxonomy: Taxonomy, path, n: int = 5, cycle: str = "content,aesthetics,counterfactual",
-                seed: int = 0, concurrency: int = None) -> dict:
-    """Write `n` pairs per subtopic into the JSONL store at `path`, resuming: ids already there are skipped, so a killed
-    run rerun yields each pair once. Subtopics run `concurrency` at a time (default: the writer's). Returns status counts."""
+                seed: int = 0, concurrency: int = None, retry_failed: bool = True) -> dict:
+    """Write `n` pairs per subtopic into the JSONL store at `path`, resuming: ids already there are skipped (with
+    `retry_failed`, only those with a final status), so a killed run rerun yields each pair once. Subtopics run
+    `concurrency` at a time (default: the writer's). Returns the count of each status (latest record of each id)."""
     dims = dimension_plan(cycle)
     subs = taxonomy.subtopics
     with RecordStore(path, batch_size=32, flush_every=5.0) as store:
-        done = store.done_ids()
+        done = store.done_ids(FINAL_STATUSES if retry_failed else None)
         todo = [s for s in subs if not all(f"{s.id}#{i}" in done for i in range(n))]
         workers = max(1, concurrency or getattr(writer, "concurrency", 1))
         job = lambda s: pair_records(writer, s, n, dims, seed, done)   # noqa: E731

@@ -257,3 +257,18 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert len(ids) == len(set(ids)) == 2000
     resumed, fresh = RecordStore(raw).latest(), RecordStore(clean).latest()
     assert resumed == fresh
+
+
+def test_failed_pairs_are_written_again_on_rerun(scripted_server, tmp_path):
+    srv, url = scripted_server([(500, b"down")])
+    t = Taxonomy.from_dict(MINI)
+    w = OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m", max_retries=0))
+    assert write_pairs(w, t, tmp_path / "raw.jsonl", n=2) == {"http_error": 2}
+    srv.script = [(200, completion(json.dumps({"instructions": ["a red apple", "two pears"]}))),
+                  (200, completion(json.dumps({"instruction": "a blue apple", "slot": "attribute", "value_a": "red", "value_b": "blue"})))]
+    srv.requests.clear()
+    assert write_pairs(w, t, tmp_path / "raw.jsonl", n=2, cycle="content") == {"ok": 2}
+    assert len(srv.requests) == 3
+    latest = RecordStore(tmp_path / "raw.jsonl").latest()
+    assert set(latest) == {"food/fruit#0", "food/fruit#1"} and latest["food/fruit#1"]["b"] == "a blue apple"
+    assert write_pairs(w, t, tmp_path / "raw.jsonl", n=2, cycle="content") == {"ok": 2} and len(srv.requests) == 3   # nothing left
