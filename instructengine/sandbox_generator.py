@@ -105,23 +105,25 @@ class GeneratorTrainConfig(Config):
     snr_gamma: float = 5.0       # stage 2 loss weight min(SNR, gamma) / SNR (Min-SNR; 0 = off)
     ema_decay: float = 0.999     # stage 2 keeps an exponential moving average of the weights (0 = off)
     seed: int = 0
+    device: str = ""             # "" = CUDA when present, else CPU; the trained models come back on the CPU
 
 
 def train_vae(cfg: GeneratorTrainConfig, imgs: np.ndarray, log=print) -> tuple:
     "Train the VAE on renders; set its scaling factor to 1/std of the latents. Returns (vae, loss per step)."
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(**VAE_CFG)
+    dev = pick_device(cfg.device or None)
+    vae = AutoencoderKL(**VAE_CFG).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     x = to_tensor(imgs); g = torch.Generator().manual_seed(cfg.seed); hist = []; t0 = time.time()
     for step in range(cfg.vae_steps):
         for grp in opt.param_groups: grp["lr"] = lr_at(step, cfg.vae_steps, 50, cfg.vae_lr)
-        b = x[torch.randint(0, len(x), (cfg.vae_batch,), generator=g)]
+        b = x[torch.randint(0, len(x), (cfg.vae_batch,), generator=g)].to(dev)
         post = vae.encode(b).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         loss = F.mse_loss(rec, b) + cfg.kl_weight * post.kl().mean()
         opt.zero_grad(); loss.backward(); opt.step(); hist.append(loss.item())
         if log and (step % 100 == 0 or step == cfg.vae_steps - 1): log(f"vae step {step} loss {np.mean(hist[-100:]):.4f} {time.time()-t0:.0f}s")
-    vae.eval()
+    vae.eval().cpu()
     with torch.no_grad():
         lat = torch.cat([vae.encode(x[i:i + 512]).latent_dist.mean for i in range(0, min(len(x), 4096), 512)])
     vae.register_to_config(scaling_factor=float(1 / lat.std()))
@@ -153,7 +155,8 @@ def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np
     steps, lr, seed = (cfg.refine_steps, cfg.refine_lr, cfg.seed + 1) if refine else (cfg.unet_steps, cfg.unet_lr, cfg.seed)
     gamma, decay = (cfg.snr_gamma, cfg.ema_decay) if refine else (0.0, 0.0)
     torch.manual_seed(seed)
-    unet = (unet or UNet2DConditionModel(**UNET_CFG)).train()
+    dev = pick_device(cfg.device or None)
+    unet = (unet or UNet2DConditionModel(**UNET_CFG)).to(dev).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False) if decay else None
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CFG.items() if k != "set_alpha_to_one"})
     x = to_tensor(imgs)
@@ -162,6 +165,7 @@ def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np
         uniq = list(dict.fromkeys(caps)); index = {c: i for i, c in enumerate(uniq)}
         emb = torch.cat([encode_text(text_encoder, tokenizer, uniq[i:i + 1024]) for i in range(0, len(uniq), 1024)])
         null = encode_text(text_encoder, tokenizer, [""])[0]
+    lat, emb, null = lat.to(dev), emb.to(dev), null.to(dev)
     cap_idx = torch.tensor([index[c] for c in caps])
     if log: log(f"{stage}: cached {len(lat)} latents {tuple(lat.shape[1:])}, {len(uniq)} caption embeddings")
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
@@ -170,12 +174,12 @@ def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np
         for grp in opt.param_groups: grp["lr"] = lr_at(step, steps, cfg.warmup, lr)
         b = torch.randint(0, len(lat), (cfg.unet_batch,), generator=g)
         z0 = lat[b]; c = emb[cap_idx[b]]
-        drop = torch.rand(len(b), generator=g) < cfg.uncond_prob
+        drop = (torch.rand(len(b), generator=g) < cfg.uncond_prob).to(dev)
         c = torch.where(drop[:, None, None], null, c)
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(b),), generator=g)
+        noise = torch.randn(z0.shape, generator=g).to(dev)
+        t_cpu = torch.randint(0, sched.config.num_train_timesteps, (len(b),), generator=g); t = t_cpu.to(dev)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=c).sample
-        if gamma: loss = (min_snr_weight(sched.alphas_cumprod, t, gamma) * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        if gamma: loss = (min_snr_weight(sched.alphas_cumprod, t_cpu, gamma).to(dev) * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         else: loss = F.mse_loss(pred, noise)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0); opt.step()
         if ema is not None:
@@ -184,7 +188,7 @@ def train_unet(cfg: GeneratorTrainConfig, vae, text_encoder, tokenizer, imgs: np
         hist.append(loss.item())
         if on_step: on_step(step + 1, ema if ema is not None else unet)
         if log and (step % 100 == 0 or step == steps - 1): log(f"{stage} step {step} loss {np.mean(hist[-100:]):.4f} {time.time()-t0:.0f}s")
-    return (ema if ema is not None else unet.eval()), hist
+    return (ema if ema is not None else unet).eval().cpu(), hist
 
 # %% ../nbs/01b_sandbox_generator.ipynb #57ffc717
 def sandbox_generator_path() -> Path:
@@ -250,15 +254,20 @@ class BaseBenchConfig(Config):
 
 
 def train_generator(cfg: GeneratorTrainConfig, out_dir, clip_cfg: ClipTrainConfig = None, log=print) -> Path:
-    "The full recipe: VAE, then UNet (checkpoints every 500 steps in out_dir/unet-STEP), on the sandbox CLIP's pairs."
+    """The full recipe on the sandbox CLIP's pairs: VAE, UNet stage 1 (a checkpoint every 500 steps in out_dir/unet-STEP),
+    stage 2 (EMA checkpoints in out_dir/unet-refine-STEP); the pipeline lands in out_dir."""
     (imgs, caps, _), _ = clip_data(clip_cfg or ClipTrainConfig())
     clip_model, _, _ = load_sandbox_clip()
     text, tok = text_tower_to_hf(clip_model), clip_tokenizer()
     out_dir = Path(out_dir)
     vae, _ = train_vae(cfg, imgs, log=log)
-    def snapshot(step, unet):
-        if step % 500 == 0: unet.save_pretrained(out_dir / f"unet-{step}")
-    unet, _ = train_unet(cfg, vae, text, tok, imgs, caps, log=log, on_step=snapshot)
+    def snapshot(prefix):
+        def save(step, unet):
+            if step % 500 == 0: unet.save_pretrained(out_dir / f"{prefix}-{step}")
+        return save
+    unet, _ = train_unet(cfg, vae, text, tok, imgs, caps, log=log, on_step=snapshot("unet"))
+    if cfg.refine_steps:
+        unet, _ = train_unet(cfg, vae, text, tok, imgs, caps, log=log, on_step=snapshot("unet-refine"), unet=unet, stage="refine")
     make_pipeline(vae, text, tok, unet).save_pretrained(out_dir)
     return out_dir
 
