@@ -302,7 +302,7 @@ class TemplateWriter(InstructionWriter):
     def _base_spec(self, sub: Subtopic, rng) -> dict:
         v, m = sub.vocab, self.mix
         focus = FOCUS.get(slug(sub.theme)) or ("style" if "styles" in sub.slots else None)
-        spec = {"object": rng.choice(v["objects"])}
+        spec = {"object": rng.choice(v["objects"]), "count": 1}
         def want(slot, p): return slot == focus or rng.random() < p
         if "counts" in v and want("count", m.p_count): spec["count"] = rng.choice([n for n in _counts(v["counts"]) if n > 1] or [1])
         if "attributes" in v and want("attribute", m.p_attribute): spec["attribute"] = rng.choice(v["attributes"])
@@ -350,7 +350,6 @@ class TemplateWriter(InstructionWriter):
         kind = rng.choice(sorted(edits))
         b = dict(a)
         b["count" if kind == "count" else kind] = rng.choice(edits[kind])
-        if kind == "count" and b["count"] == 1: b.pop("count")
         return {"status": "ok", "text": compose(b), "spec": b, "kind": kind, "diff": spec_diff(a, b)}
 
 # %% ../nbs/02_taxonomy.ipynb #2861aa29
