@@ -469,8 +469,10 @@ class DiskCache:
     def key(*parts) -> str: return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     def _path(self, key: str) -> Path: return self.root / key[:2] / f"{key}.json"
     def get(self, key: str):
+        "The cached value, or None (also for an unreadable file, which the next `put` replaces)."
         p = self._path(key)
-        return json.loads(p.read_text(encoding="utf-8"))["value"] if p.is_file() else None
+        try: return json.loads(p.read_text(encoding="utf-8"))["value"] if p.is_file() else None
+        except (ValueError, KeyError, TypeError): return None
     def put(self, key: str, value): atomic_write_text(self._path(key), json.dumps({"value": value}))
 
 
@@ -486,7 +488,7 @@ CONTRAST_SCHEMA = {"type": "object", "required": ["instruction", "slot", "value_
 class LLMWriter(InstructionWriter):
     """The shared half of the LLM writers: prompts from the versioned templates, validation of the JSON reply, asking again
     when it is malformed (`max_parse_retries`), a disk cache keyed by (model, template version, input, attempt), and a
-    record with status and raw text when it never validates. Subclasses supply `_complete(messages) -> str` and `model_id`."""
+    record with status and raw text when it never validates. Subclasses supply `_complete(messages, schema, attempt) -> str` and `model_id`."""
     model_id = "llm"
 
     def __init__(self, templates: str = "writer-v1", max_parse_retries: int = 2, cache_dir=None, concurrency: int = 1):
@@ -828,15 +830,17 @@ def finalize_pairs(raw_path, out_path, dedup_threshold: float = 0.95, group_thre
 
 def pair_table(path) -> pd.DataFrame:
     "Pairs per theme x dimension of an instructions.jsonl, with totals."
-    df = pd.read_json(path, lines=True)
-    t = pd.crosstab(df["theme"], df["dimension"], margins=True, margins_name="total")
-    return t
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows: return pd.DataFrame(columns=[*DIMENSIONS, "total"], index=pd.Index([], name="theme"))   # every pair failed
+    df = pd.DataFrame(rows)
+    return pd.crosstab(df["theme"], df["dimension"], margins=True, margins_name="total")
 
 
 def plot_pair_counts(table: pd.DataFrame, path=None):
-    "A heat map of pairs per theme x dimension (the table without its totals); saved to `path` when given."
+    "A heat map of pairs per theme x dimension (the table without its totals); saved to `path` when given. None when empty."
     import matplotlib.pyplot as plt
     t = table.drop(index="total", columns="total", errors="ignore")
+    if t.empty: return None
     fig, ax = plt.subplots(figsize=(1.2 * len(t.columns) + 2.5, 0.28 * len(t) + 1.2), dpi=72)
     im = ax.imshow(t.values, cmap="Blues", aspect="auto")
     ax.set_xticks(range(len(t.columns)), t.columns); ax.set_yticks(range(len(t)), t.index, fontsize=8)

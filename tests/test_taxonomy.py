@@ -272,3 +272,19 @@ def test_failed_pairs_are_written_again_on_rerun(scripted_server, tmp_path):
     latest = RecordStore(tmp_path / "raw.jsonl").latest()
     assert set(latest) == {"food/fruit#0", "food/fruit#1"} and latest["food/fruit#1"]["b"] == "a blue apple"
     assert write_pairs(w, t, tmp_path / "raw.jsonl", n=2, cycle="content") == {"ok": 2} and len(srv.requests) == 3   # nothing left
+
+
+def test_stage_survives_a_writer_that_fails_everything(scripted_server, tmp_path):
+    from instructengine.taxonomy import finalize_pairs, pair_table, plot_pair_counts
+    srv, url = scripted_server([(500, b"down")])
+    t = Taxonomy.from_dict(MINI)
+    write_pairs(OpenAIChatWriter(ChatWriterConfig(base_url=url, model="m", max_retries=0)), t, tmp_path / "raw.jsonl", n=3)
+    s = finalize_pairs(tmp_path / "raw.jsonl", tmp_path / "instructions.jsonl", encoder=_Encoder())
+    assert s["records"] == 3 and s["ok"] == 0 and s["failed"] == {"http_error": 3} and s["kept"] == 0
+    table = pair_table(tmp_path / "instructions.jsonl")
+    assert table.empty and plot_pair_counts(table) is None
+
+
+class _Encoder:
+    "Never called when there is nothing to embed."
+    def encode(self, *a, **k): raise AssertionError("nothing to encode")
