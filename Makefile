@@ -35,6 +35,9 @@ sandbox: install
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/02_taxonomy.ipynb $(RUN)/notebooks/02_taxonomy.ipynb --cwd nbs -p run_dir ../$(RUN)
 	@echo; echo "Contrast instruction pairs (sandbox taxonomy, ShapesWorld writer):"
 	@$(BIN)/python -c "import json; print(json.dumps(json.load(open('$(RUN)/metrics.json'))['taxonomy']))"
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/03_generate.ipynb $(RUN)/notebooks/03_generate.ipynb --cwd nbs -p run_dir ../$(RUN) -p limit 0
+	@echo; echo "Images for both sides of every pair (sandbox generator, 2 per side):"
+	@$(BIN)/python -c "import json; print(json.dumps(json.load(open('$(RUN)/metrics.json'))['generate']))"
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/01b_sandbox_generator.ipynb $(RUN)/notebooks/01b_sandbox_generator.ipynb \
 		--cwd nbs -p run_dir ../$(RUN) -p per_prompt 4
 	@echo; echo "ShapesBench, base sandbox generator, 4 images per prompt (exact match, 95% bootstrap interval):"

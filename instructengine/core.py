@@ -419,6 +419,13 @@ class RecordLog:
         id_of = id_of or (lambda it: it[self.key])
         return [it for it in items if id_of(it) not in done]
 
+    def status_counts(self) -> dict:
+        "How many ids have each status, by the latest record of each id."
+        self._catch_up()
+        out: dict = {}
+        for s in self._status.values(): out[s] = out.get(s, 0) + 1
+        return out
+
     def latest(self) -> dict:
         "The latest record of every id, in order of first appearance."
         return {rec[self.key]: rec for rec in self}

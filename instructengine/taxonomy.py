@@ -759,9 +759,7 @@ def write_pairs(writer: InstructionWriter, taxonomy: Taxonomy, path, n: int = 5,
         job = lambda s: pair_records(writer, s, n, dims, seed, done)   # noqa: E731
         with ThreadPoolExecutor(workers) as ex:
             for recs in progress(ex.map(job, todo), total=len(todo), desc=f"write ({writer.name})"): store.extend(recs)
-    counts: dict = {}
-    for r in RecordStore(path).latest().values(): counts[r["status"]] = counts.get(r["status"], 0) + 1
-    return counts
+    return RecordStore(path).status_counts()
 
 # %% ../nbs/02_taxonomy.ipynb #665d8540
 def load_taxonomy(spec: str) -> Taxonomy:

@@ -207,3 +207,10 @@ def test_image_store_killed_before_rename_leaves_no_partial_png(tmp_path):
     img = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     s = store.put(img)
     assert np.array_equal(np.asarray(store.get(s.sha256)), img)
+
+
+def test_status_counts_follow_the_latest_record_of_each_id(tmp_path):
+    with RecordStore(tmp_path / "r.jsonl") as s:
+        s.extend([{"id": 1, "status": "error"}, {"id": 2, "status": "ok"}, {"id": 3, "status": "error"}])
+    with RecordStore(tmp_path / "r.jsonl") as s: s.append({"id": 1, "status": "ok"})
+    assert RecordLog(tmp_path / "r.jsonl").status_counts() == {"ok": 2, "error": 1}
