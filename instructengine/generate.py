@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from diffusers import (AutoPipelineForText2Image, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+from diffusers import (AutoPipelineForText2Image, DiffusionPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 from .core import Config, ImageStore, RecordStore, RunDir, pick_device, pick_dtype, progress
@@ -35,7 +34,7 @@ class GeneratorSpec(Config):
     dtype: str = ""            # "" = bf16 on GPU, fp32 on CPU
 
 
-def load_generator(spec) -> "DiffusionPipeline":
+def load_generator(spec) -> DiffusionPipeline:
     """Any diffusers text-to-image pipeline (SD v1.5, SDXL, the sandbox generator, ...) by hub id or folder, with an optional
     scheduler swap and LoRA. `spec`: a GeneratorSpec or a model string."""
     spec = GeneratorSpec(model=spec) if isinstance(spec, str) else spec
