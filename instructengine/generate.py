@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusers import (AutoPipelineForText2Image, DiffusionPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
-from .core import Config, ImageStore, RecordStore, RunDir, pick_device, pick_dtype, progress
+from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, pick_device, pick_dtype, progress
 from .sandbox_generator import generate, load_sandbox_generator
 
 # %% ../nbs/03_generate.ipynb #2e7ae66d
@@ -74,16 +74,16 @@ def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generat
     images = ImageStore(run.images)
     with RecordStore(run.image_records, batch_size=64, flush_every=5.0) as store:
         todo = store.pending(jobs, status="ok")[rank::world]
+        meta = {"generator": generator_name, **{k: v for k, v in kwargs.items() if v is not None}}
         for i in progress(range(0, len(todo), batch_size), desc="images"):
             batch = todo[i:i + batch_size]
-            meta = {"generator": generator_name, **{k: v for k, v in kwargs.items() if v is not None}}
             try: out = generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], batch_size=len(batch), **kwargs)
             except Exception as e:   # a failing batch (out of memory, a bad prompt) is recorded, not fatal
                 store.extend({**j, **meta, "status": "error", "error": f"{type(e).__name__}: {e}"} for j in batch); continue
             for j, im in zip(batch, out, strict=True):
                 st = images.put(im)
                 store.append({**j, **meta, "status": "ok", "path": str(st.path.relative_to(run.root)), "sha256": st.sha256})
-    return RecordStore(run.image_records).status_counts()
+    return store.status_counts()
 
 # %% ../nbs/03_generate.ipynb #cbf54992
 @dataclass
@@ -111,16 +111,16 @@ def run_generate(cfg: GenerateConfig) -> dict:
     run = RunDir(cfg.run_dir)
     if state.is_main_process: run.write_config("generate", cfg)
     if not run.instructions.is_file(): raise FileNotFoundError(f"{run.instructions} does not exist: run the taxonomy stage first")
-    pairs = list(RecordStore(run.instructions).latest().values())
+    pairs = list(RecordLog(run.instructions).latest().values())
     pairs = pairs[:cfg.limit] if cfg.limit else pairs
     pipe = load_generator(GeneratorSpec(cfg.model, cfg.lora, cfg.lora_scale, cfg.scheduler, device=str(state.device)))
     t0 = time.time()
     generate_images(pipe, image_jobs(pairs, cfg.images_per_instruction, cfg.seed), run, cfg.batch_size,
-                             generator_name=cfg.model + (f"+{cfg.lora}" if cfg.lora else ""), shard=(state.process_index, state.num_processes),
-                             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                             height=cfg.height or None, width=cfg.width or None)
+                    generator_name=cfg.model + (f"+{cfg.lora}" if cfg.lora else ""), shard=(state.process_index, state.num_processes),
+                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                    height=cfg.height or None, width=cfg.width or None)
     state.wait_for_everyone()   # then count what every process wrote
-    counts = RecordStore(run.image_records).status_counts()
+    counts = RecordLog(run.image_records).status_counts()
     summary = {"pairs": len(pairs), "images": counts.get("ok", 0), "errors": counts.get("error", 0), "seconds": round(time.time() - t0, 1)}
     if state.is_main_process: run.update_metrics({"generate": summary})
     return summary
