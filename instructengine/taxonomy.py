@@ -6,11 +6,11 @@
 __all__ = ['SLOT_KEYS', 'DIMENSIONS', 'KINDS', 'SPEC_SLOTS', 'NUMBER_WORDS', 'FOCUS', 'BASE_SCHEMA', 'CONTRAST_SCHEMA',
            'FINAL_STATUSES', 'TaxonomyError', 'slug', 'Subtopic', 'Theme', 'Taxonomy', 'sandbox_taxonomy', 'plural',
            'noun_phrase', 'compose', 'spec_diff', 'stable_rng', 'InstructionWriter', 'TemplateMix', 'TemplateWriter',
-           'SandboxWriter', 'verify_sandbox_pair', 'WriterUnavailable', 'load_prompt_templates', 'extract_json',
-           'DiskCache', 'LLMWriter', 'ChatWriterConfig', 'OpenAIChatWriter', 'TransformersWriter',
-           'load_sentence_encoder', 'embed_texts', 'near_duplicates', 'dedup_pairs', 'group_analogous',
-           'dimension_plan', 'pair_records', 'write_pairs', 'load_taxonomy', 'TaxonomyRunConfig', 'make_writer',
-           'finalize_pairs', 'pair_table', 'plot_pair_counts', 'run_taxonomy']
+           'SandboxWriter', 'verify_sandbox_pair', 'ModelUnavailable', 'load_prompt_templates', 'extract_json',
+           'DiskCache', 'LLMWriter', 'ChatEndpointConfig', 'ChatClient', 'ChatWriterConfig', 'OpenAIChatWriter',
+           'TransformersWriter', 'load_sentence_encoder', 'embed_texts', 'near_duplicates', 'dedup_pairs',
+           'group_analogous', 'dimension_plan', 'pair_records', 'write_pairs', 'load_taxonomy', 'TaxonomyRunConfig',
+           'make_writer', 'finalize_pairs', 'pair_table', 'plot_pair_counts', 'run_taxonomy']
 
 # %% ../nbs/02_taxonomy.ipynb #f6ab73cc
 import hashlib
@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from .core import Config, RecordLog, RecordStore, RunDir, atomic_write_text, load_yaml, dump_yaml, progress
+from .core import Config, ConfigError, RecordLog, RecordStore, RunDir, atomic_write_text, load_yaml, dump_yaml, progress
 from . import sandbox as sw
 
 # %% ../nbs/02_taxonomy.ipynb #6878358f
@@ -420,8 +420,8 @@ def verify_sandbox_pair(pair: dict) -> bool:
     return [{"slot": d["slot"], "value_a": d["a"], "value_b": d["b"]} for d in diff] == pair["diff"]
 
 # %% ../nbs/02_taxonomy.ipynb #ad999d16
-class WriterUnavailable(RuntimeError):
-    "The model could not be reached or kept failing (timeouts, HTTP 429/5xx after every retry, refused requests)."
+class ModelUnavailable(RuntimeError):
+    "A model behind an endpoint could not be reached or kept failing (timeouts, HTTP 429/5xx after every retry, refused requests)."
     def __init__(self, status: str, message: str):
         super().__init__(message); self.status = status
 
@@ -503,7 +503,7 @@ class LLMWriter(InstructionWriter):
             raw = self.cache.get(key) if self.cache else None
             if raw is None:
                 try: raw = self._complete(messages, schema, attempt)
-                except WriterUnavailable as e: return {"status": e.status, "error": str(e), "raw": None, "attempts": attempt + 1}
+                except ModelUnavailable as e: return {"status": e.status, "error": str(e), "raw": None, "attempts": attempt + 1}
                 if self.cache: self.cache.put(key, raw)
             try: return {"status": "ok", "value": validate(extract_json(raw)), "raw": raw, "attempts": attempt + 1}
             except (ValueError, TypeError, KeyError) as e: err = f"{type(e).__name__}: {e}"
@@ -543,10 +543,10 @@ class LLMWriter(InstructionWriter):
 
 # %% ../nbs/02_taxonomy.ipynb #94193e06
 @dataclass
-class ChatWriterConfig(Config):
+class ChatEndpointConfig(Config):
     "An OpenAI-compatible chat endpoint (vLLM, SGLang, Ollama, OpenAI, `transformers serve`). The API key is read from the environment variable named by `api_key_env`, never from here."
     base_url: str = ""              # "" = $OPENAI_BASE_URL, else http://127.0.0.1:8000/v1
-    model: str = ""                 # "" = $INSTRUCTENGINE_WRITER_MODEL
+    model: str = ""                 # "" = the model variable of the user (the writer's or the judge's)
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.7
     max_tokens: int = 512
@@ -557,34 +557,32 @@ class ChatWriterConfig(Config):
     response_format: str = "json_schema"   # "json_schema", "json_object" or "none"
     max_parse_retries: int = 2
     concurrency: int = 4
-    templates: str = "writer-v1"
     cache_dir: str = ""             # "" = no cache
 
+    def validate(self):
+        if self.response_format not in ("json_schema", "json_object", "none"):
+            raise ConfigError(f"{type(self).__name__}.response_format = {self.response_format!r}: expected 'json_schema', 'json_object' or 'none'")
 
-class OpenAIChatWriter(LLMWriter):
-    "The instruction writer over an OpenAI-compatible `/chat/completions` endpoint, with retries, backoff, timeouts and a cache."
-    name = "openai"
 
-    def __init__(self, cfg: ChatWriterConfig = None, **kw):
-        cfg = cfg or ChatWriterConfig(**kw)
-        if cfg.response_format not in ("json_schema", "json_object", "none"):
-            raise ValueError(f"response_format {cfg.response_format!r}: expected 'json_schema', 'json_object' or 'none'")
-        super().__init__(cfg.templates, cfg.max_parse_retries, cfg.cache_dir or None, cfg.concurrency)
+class ChatClient:
+    "POSTs to `/chat/completions` with retries: timeouts, connection errors, HTTP 429 and 5xx back off and try again; other errors do not."
+    def __init__(self, cfg: ChatEndpointConfig, model_env: str):
         self.cfg = cfg
         self.base_url = (cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1").rstrip("/")
-        self.model = cfg.model or os.environ.get("INSTRUCTENGINE_WRITER_MODEL", "")
-        if not self.model: raise ValueError("openai writer: no model (set ChatWriterConfig.model or $INSTRUCTENGINE_WRITER_MODEL)")
-        self.model_id = f"openai:{self.model}"
-        self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout))
+        self.model = cfg.model or os.environ.get(model_env, "")
+        if not self.model: raise ValueError(f"{type(cfg).__name__}: no model (set its `model` or ${model_env})")
+        self._http = httpx.Client(timeout=httpx.Timeout(cfg.timeout))
         self._jitter = random.Random(0); self._lock = threading.Lock()
 
-    def __repr__(self): return f"OpenAIChatWriter({self.base_url!r}, model={self.model!r})"   # never the key
+    def __repr__(self): return f"ChatClient({self.base_url!r}, model={self.model!r})"   # never the key
 
-    def _payload(self, messages, schema) -> dict:
-        p = {"model": self.model, "messages": messages, "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
-        if self.cfg.response_format == "json_schema":
+    def payload(self, messages: list, schema: dict = None) -> dict:
+        "The request body: model, messages, sampling settings and the response format the config asks for."
+        c = self.cfg
+        p = {"model": self.model, "messages": messages, "temperature": c.temperature, "max_tokens": c.max_tokens}
+        if c.response_format == "json_schema" and schema:
             p["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-        elif self.cfg.response_format == "json_object": p["response_format"] = {"type": "json_object"}
+        elif c.response_format != "none": p["response_format"] = {"type": "json_object"}
         return p
 
     def _wait(self, attempt: int, retry_after=None) -> float:
@@ -595,27 +593,50 @@ class OpenAIChatWriter(LLMWriter):
             except ValueError: pass
         return min(w, self.cfg.max_backoff)
 
-    def _complete(self, messages: list, schema: dict, attempt: int = 0) -> str:
+    def chat(self, messages: list, schema: dict = None) -> dict:
+        "The reply's message (a dict with `content`, maybe `refusal`); raises ModelUnavailable with a status when there is none."
         key = os.environ.get(self.cfg.api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        last = ("unavailable", "no request made")
-        for i in range(1 + self.cfg.max_retries):
+        last, tries = ("unavailable", "no request made"), 1 + self.cfg.max_retries
+        for i in range(tries):
             retry_after = None
-            try:
-                r = self._client.post(f"{self.base_url}/chat/completions", json=self._payload(messages, schema), headers=headers)
+            try: r = self._http.post(f"{self.base_url}/chat/completions", json=self.payload(messages, schema), headers=headers)
             except httpx.TimeoutException: last = ("timeout", f"no answer from {self.base_url} within {self.cfg.timeout} s")
             except httpx.TransportError as e: last = ("unavailable", f"{self.base_url}: {type(e).__name__}: {e}")
             else:
                 if r.status_code == 429 or r.status_code >= 500:
                     last, retry_after = ("http_error", f"HTTP {r.status_code} from {self.base_url}: {r.text[:200]}"), r.headers.get("retry-after")
                 elif r.status_code >= 400:
-                    raise WriterUnavailable("http_error", f"HTTP {r.status_code} from {self.base_url} (not retried): {r.text[:300]}")
+                    raise ModelUnavailable("http_error", f"HTTP {r.status_code} from {self.base_url} (not retried): {r.text[:300]}")
                 else:
-                    try: return r.json()["choices"][0]["message"]["content"] or ""
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise WriterUnavailable("http_error", f"{self.base_url}: not a chat completion: {r.text[:300]}") from None
-            if i < self.cfg.max_retries: time.sleep(self._wait(i, retry_after))
-        raise WriterUnavailable(last[0], f"{last[1]} (after {1 + self.cfg.max_retries} tries)")
+                    try: msg = r.json()["choices"][0]["message"]; assert isinstance(msg, dict); return msg
+                    except (ValueError, KeyError, IndexError, TypeError, AssertionError):
+                        raise ModelUnavailable("http_error", f"{self.base_url}: not a chat completion: {r.text[:300]}") from None
+            if i < tries - 1: time.sleep(self._wait(i, retry_after))
+        raise ModelUnavailable(last[0], f"{last[1]} (after {tries} tries)")
+
+
+@dataclass
+class ChatWriterConfig(ChatEndpointConfig):
+    "The writer's endpoint: `model` defaults to $INSTRUCTENGINE_WRITER_MODEL."
+    templates: str = "writer-v1"
+
+
+class OpenAIChatWriter(LLMWriter):
+    "The instruction writer over an OpenAI-compatible `/chat/completions` endpoint, with retries, backoff, timeouts and a cache."
+    name = "openai"
+
+    def __init__(self, cfg: ChatWriterConfig = None, **kw):
+        cfg = cfg or ChatWriterConfig(**kw)
+        super().__init__(cfg.templates, cfg.max_parse_retries, cfg.cache_dir or None, cfg.concurrency)
+        self.cfg, self.client = cfg, ChatClient(cfg, "INSTRUCTENGINE_WRITER_MODEL")
+        self.base_url, self.model = self.client.base_url, self.client.model
+        self.model_id = f"openai:{self.model}"
+
+    def __repr__(self): return f"OpenAIChatWriter({self.base_url!r}, model={self.model!r})"   # never the key
+
+    def _complete(self, messages: list, schema: dict, attempt: int = 0) -> str:
+        return self.client.chat(messages, schema).get("content") or ""
 
 # %% ../nbs/02_taxonomy.ipynb #9bfdf1af
 class TransformersWriter(LLMWriter):

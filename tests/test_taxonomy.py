@@ -5,13 +5,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from _loopback import completion, free_port
 from instructengine.core import RecordStore
 from instructengine.taxonomy import (DIMENSIONS, ChatWriterConfig, OpenAIChatWriter, SandboxWriter, Taxonomy, TaxonomyError,
                                      TemplateWriter, TransformersWriter, extract_json, sandbox_taxonomy, verify_sandbox_pair,
@@ -89,43 +88,6 @@ def test_extract_json_tolerates_fences_and_prose():
 
 
 # ---- LLM writers over real HTTP on loopback
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
-def completion(content: str) -> bytes:
-    return json.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                                                          "finish_reason": "stop"}]}).encode()
-
-
-class Scripted(BaseHTTPRequestHandler):
-    "Answers /v1/chat/completions from the server's script: a list of (status, body) used in order, the last one repeated."
-    def do_POST(self):
-        n = int(self.headers.get("content-length", 0)); body = json.loads(self.rfile.read(n))
-        srv = self.server
-        with srv.lock:
-            srv.requests.append({"body": body, "auth": self.headers.get("authorization")})
-            status, payload = srv.script[min(len(srv.requests) - 1, len(srv.script) - 1)]
-        self.send_response(status); self.send_header("content-type", "application/json")
-        if status == 429: self.send_header("retry-after", "0")
-        self.send_header("content-length", str(len(payload))); self.end_headers(); self.wfile.write(payload)
-    def log_message(self, *a): pass
-
-
-@pytest.fixture
-def scripted_server():
-    servers = []
-    def start(script):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-        srv.script, srv.requests, srv.lock = script, [], threading.Lock()
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    yield start
-    for s in servers: s.shutdown(); s.server_close()
-
 
 def sub():
     return Taxonomy.from_dict(MINI).subtopics[0]
