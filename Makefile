@@ -28,7 +28,8 @@ test: sync-check nbtest pytest
 bench-sandbox: install
 	$(BIN)/python -c "from instructengine.sandbox_generator import benchmark_generation; print(benchmark_generation(64, repeats=3))"
 
-# the main job: the sandbox pipeline as far as it goes today, into runs/sandbox/ (executed notebooks, instructions, eval/, metrics)
+# the main job: the sandbox pipeline as far as it goes today, into runs/sandbox/ (executed notebooks, instructions, images,
+# annotations, pairs and quads, eval/, metrics)
 RUN ?= runs/sandbox
 sandbox: install
 	mkdir -p $(RUN)/notebooks
@@ -38,6 +39,9 @@ sandbox: install
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/03_generate.ipynb $(RUN)/notebooks/03_generate.ipynb --cwd nbs -p run_dir ../$(RUN) -p limit 0
 	@echo; echo "Images for both sides of every pair (sandbox generator, 2 per side):"
 	@$(BIN)/python -c "import json; print(json.dumps(json.load(open('$(RUN)/metrics.json'))['generate']))"
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/04_annotate.ipynb $(RUN)/notebooks/04_annotate.ipynb --cwd nbs -p run_dir ../$(RUN) -p limit 0
+	@echo; echo "Annotation (oracle + sandbox CLIP judges, human-defined rules): quads and preference pairs:"
+	@$(BIN)/python tools/print_annotate.py $(RUN)
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/01b_sandbox_generator.ipynb $(RUN)/notebooks/01b_sandbox_generator.ipynb \
 		--cwd nbs -p run_dir ../$(RUN) -p per_prompt 4
 	@echo; echo "ShapesBench, base sandbox generator, 4 images per prompt (exact match, 95% bootstrap interval):"
@@ -47,8 +51,13 @@ sandbox: install
 sync-check: install
 	tools/sync_check.sh $(BIN)
 
+# The stage notebooks (02_taxonomy onwards) feed one another through ../runs/sandbox, so they run one at a time, in
+# order; the others run in parallel beside them.
 nbtest: install
-	$(BIN)/nbdev_test
+	@$(BIN)/nbdev_test --skip_file_re '^(_|\.|0[2-9])' & other=$$!; \
+	$(BIN)/nbdev_test --file_re '^0[2-9].*\.ipynb$$' --n_workers 1; stages=$$?; \
+	wait $$other; rest=$$?; \
+	if [ $$stages -ne 0 ] || [ $$rest -ne 0 ]; then echo "nbdev_test failed (stage notebooks: $$stages, others: $$rest)"; exit 1; fi
 
 # pytest exits 5 when it collects nothing: fine only while tests/ holds no test files
 pytest: install

@@ -290,6 +290,8 @@ RUN_LAYOUT = {  # attribute: (path inside the run folder, what it holds)
     "annotations":   ("annotations.jsonl",   "one line a judgment: judge, rubric, raw text, scores, status"),
     "pairs":         ("pairs.parquet",       "preference pairs"),
     "quads":         ("quads.parquet",       "cross-validation quads"),
+    "rejected":      ("rejected.parquet",    "candidate quads the rules removed, with the rule and the reason"),
+    "agreement":     ("agreement.csv",       "each judge's agreement with the reference judge, per aspect"),
     "reward":        ("reward",              "reward model: weights, config, metrics.json"),
     "dpo":           ("dpo",                 "LoRA weights in diffusers format, checkpoints, metrics.json"),
     "eval":          ("eval",                "evaluation images, scores, metrics.json, plots"),
