@@ -687,7 +687,6 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     from accelerate import PartialState
     state = PartialState()
     run = RunDir(cfg.run_dir)
-    if state.is_main_process: run.write_config("annotate", cfg)
     for need, stage in ((run.instructions, "taxonomy"), (run.image_records, "generate")):
         if not need.is_file(): raise FileNotFoundError(f"{need} does not exist: run the {stage} stage first")
     pairs = RecordLog(run.instructions).latest()
@@ -696,6 +695,13 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     judges = [make_judge(s) for s in cfg.judges]
     names = [j.name for j in judges]
     if len(set(names)) < len(names): raise ConfigError(f"AnnotateConfig.judges: two judges share a name ({names}); give one a `name`")
+    for i, r in enumerate(cfg.rules):   # a rule that names a judge that is not there would remove every quad
+        defaults = {p.name: p.default for p in inspect.signature(RULES[r["rule"]]).parameters.values()}
+        wanted = [r.get("judge", defaults.get("judge"))] if "judge" in defaults else list(r.get("judges", defaults.get("judges", ())))
+        if missing := [w for w in wanted if w not in names]:
+            raise ConfigError(f"AnnotateConfig.rules[{i}] ({r['rule']}): judge {missing[0]!r} is not one of the judges ({', '.join(names)})")
+    if cfg.score_judge not in names: raise ConfigError(f"AnnotateConfig.score_judge = {cfg.score_judge!r}: not one of the judges ({', '.join(names)})")
+    if state.is_main_process: run.write_config("annotate", cfg)
     tasks = annotation_tasks(pairs, images, names, cfg.rate_other)
     t0, counts = time.time(), {}
     for j in judges: counts[j.name] = annotate(j, tasks, run, cfg.batch_size, shard=(state.process_index, state.num_processes))
@@ -710,8 +716,8 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     pair_df = pairs_frame(table)
     kept.to_parquet(run.quads, index=False); pair_df.to_parquet(run.pairs, index=False); rejected.to_parquet(run.rejected, index=False)
     ref = cfg.score_judge
-    agree = pd.concat([agreement(judgments, n, ref) for n in names if n != ref] or [agreement(judgments, ref, ref)], ignore_index=True)
-    agree.to_csv(run.agreement, index=False)
+    others = [agreement(judgments, n, ref) for n in names if n != ref]
+    (pd.concat(others, ignore_index=True) if others else agreement([], ref, ref)).to_csv(run.agreement, index=False)
     summary = {"images": len(images), "judged": {n: c.get("ok", 0) for n, c in counts.items()}, "statuses": counts,
                "candidates": len(quads), "rules": [{k: r[k] for k in ("rule", "removed", "reasons")} for r in report],
                "quads": len(kept), "pairs": len(pair_df), "pairs_by_source": pair_df["source"].value_counts().to_dict(),

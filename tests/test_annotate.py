@@ -204,6 +204,7 @@ def test_killed_annotation_resumes_each_item_exactly_once(tmp_path):
     assert strip(RecordLog(rec).latest()) == strip(RecordLog(clean.annotations).latest())
 
 
+@pytest.mark.filterwarnings("ignore:.*the parameters of stage .annotate. changed")
 def test_stage_end_to_end_rules_and_outputs(tmp_path):
     run = make_run(tmp_path, n_pairs=4, per_side=2, swap=0)
     cfg = AnnotateConfig(run_dir=str(run.root), judges=[{"kind": "oracle"}, {"kind": "clip"}])
@@ -225,6 +226,10 @@ def test_stage_end_to_end_rules_and_outputs(tmp_path):
     assert json.loads(run.metrics.read_text())["annotate"]["quads"] == len(quads)
     assert run_annotate(cfg)["judged"] == s["judged"]            # a rerun asks nothing again
     with pytest.raises(ConfigError, match=r"rules\[0\]"): AnnotateConfig(rules=[{"rule": "folows_own"}])
+    with pytest.raises(ConfigError, match=r"rules\[1\] \(agreement\): judge 'clip' is not one of the judges"):
+        run_annotate(AnnotateConfig(run_dir=str(run.root), judges=["oracle"]))
+    alone = run_annotate(AnnotateConfig(run_dir=str(run.root), judges=["oracle"], rules=[{"rule": "follows_own"}]))
+    assert alone["quads"] == 4 and pd.read_csv(run.agreement).empty                  # one judge: nothing to compare
 
 
 def test_pickapic_round_trip_through_a_datasets_folder(tmp_path):
