@@ -20,7 +20,6 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import (Config, ConfigError, ImageStore, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256, load_yaml,
-                   pick_device, pick_dtype, progress, to_pil)
+from .core import (Config, ConfigError, ImageStore, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256,
+                                 pick_device, pick_dtype, progress, to_pil)
 from .sandbox import ASPECTS, bootstrap_ci, check, parse_caption, rate as oracle_rate, read_image
-from .taxonomy import ChatClient, ChatEndpointConfig, DiskCache, ModelUnavailable, extract_json
+from .taxonomy import ChatClient, ChatEndpointConfig, DiskCache, ModelUnavailable, extract_json, load_prompt_file
 
 # %% ../nbs/04_annotate.ipynb #e18c77e3
 VERDICTS = ("a", "b", "both", "neither")
@@ -121,11 +120,7 @@ class ClipJudge(Judge):
 # %% ../nbs/04_annotate.ipynb #623b9158
 def load_rubric(version: str = "judge-v1") -> dict:
     "The versioned rubric of the multimodal-LLM judges (a YAML file shipped in `instructengine/prompts/`)."
-    path = resources.files("instructengine") / "prompts" / f"{version}.yaml"
-    if not path.is_file(): raise FileNotFoundError(f"no judge rubric {version!r} (looked for {path})")
-    r = load_yaml(path.read_text(encoding="utf-8"), str(path))
-    missing = {"version", "system", "aspects", "rate", "verify"} - set(r)
-    if missing: raise ValueError(f"judge rubric {version!r}: missing {sorted(missing)}")
+    r = load_prompt_file(version, {"version", "system", "aspects", "rate", "verify"}, "judge rubric")
     unknown = set(r["aspects"]) - set(ASPECTS)
     if unknown: raise ValueError(f"judge rubric {version!r}: unknown aspects {sorted(unknown)} (expected some of {', '.join(ASPECTS)})")
     return r
@@ -366,7 +361,7 @@ def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard
             store.extend(rec | r | {"seconds": dt} for (rec, _), r in zip(loaded, results, strict=True))
             store.flush()   # judgments are dear: a kill loses at most the batch in flight
     counts: dict = {}
-    for rid, r in RecordLog(run.annotations).latest().items():
+    for r in RecordLog(run.annotations).latest().values():
         if r.get("judge") == judge.name: counts[r["status"]] = counts.get(r["status"], 0) + 1
     return counts
 
@@ -456,6 +451,7 @@ def rule_dedup(q, ctx, threshold: float = 2.0):
     """Drop a quad whose two images are near-identical (mean absolute difference of their fingerprints below
     `threshold`, 0-255 units), or whose images repeat an earlier kept quad of the same pair."""
     fa, fb = ctx.fingerprint(q["image_a"]), ctx.fingerprint(q["image_b"])
+    if fa is None or fb is None: return f"image {'a' if fa is None else 'b'} unreadable"
     d = float(np.abs(fa - fb).mean())
     if d < threshold: return "images a and b near-identical"
     for fa2, fb2 in ctx.kept_prints.get(q["pair_id"], ()):
@@ -472,8 +468,11 @@ class RuleContext:
     def __init__(self, judgments: Judgments, run: RunDir = None):
         self.judgments, self.run, self._prints, self.kept_prints = judgments, run, {}, {}
 
-    def fingerprint(self, path: str) -> np.ndarray:
-        if path not in self._prints: self._prints[path] = image_fingerprint(ImageStore(self.run.images).get(self.run.root / path, verify=False))
+    def fingerprint(self, path: str):
+        "The image's fingerprint, or None when the file is missing or does not decode."
+        if path not in self._prints:
+            try: self._prints[path] = image_fingerprint(ImageStore(self.run.images).get(self.run.root / path, verify=False))
+            except ImageStoreError: self._prints[path] = None
         return self._prints[path]
 
 
@@ -601,7 +600,8 @@ def from_pickapic(table, run: RunDir, source: str = "pickapic") -> pd.DataFrame:
         missing = [c for c in ("caption", "jpg_0", "jpg_1", "label_0") if c not in r]
         if missing: raise ValueError(f"Pick-a-Pic row {i}: missing columns {missing}")
         if r.get("has_label") is False: continue
-        lab = float(r["label_0"])
+        try: lab = float(r["label_0"])
+        except (TypeError, ValueError): lab = None
         if lab not in (0.0, 0.5, 1.0): raise ValueError(f"Pick-a-Pic row {i}: label_0 = {r['label_0']!r}, expected 0, 0.5 or 1")
         paths = []
         for c in ("jpg_0", "jpg_1"):

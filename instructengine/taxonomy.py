@@ -6,11 +6,11 @@
 __all__ = ['SLOT_KEYS', 'DIMENSIONS', 'KINDS', 'SPEC_SLOTS', 'NUMBER_WORDS', 'FOCUS', 'BASE_SCHEMA', 'CONTRAST_SCHEMA',
            'FINAL_STATUSES', 'TaxonomyError', 'slug', 'Subtopic', 'Theme', 'Taxonomy', 'sandbox_taxonomy', 'plural',
            'noun_phrase', 'compose', 'spec_diff', 'stable_rng', 'InstructionWriter', 'TemplateMix', 'TemplateWriter',
-           'SandboxWriter', 'verify_sandbox_pair', 'ModelUnavailable', 'load_prompt_templates', 'extract_json',
-           'DiskCache', 'LLMWriter', 'ChatEndpointConfig', 'ChatClient', 'ChatWriterConfig', 'OpenAIChatWriter',
-           'TransformersWriter', 'load_sentence_encoder', 'embed_texts', 'near_duplicates', 'dedup_pairs',
-           'group_analogous', 'dimension_plan', 'pair_records', 'write_pairs', 'load_taxonomy', 'TaxonomyRunConfig',
-           'make_writer', 'finalize_pairs', 'pair_table', 'plot_pair_counts', 'run_taxonomy']
+           'SandboxWriter', 'verify_sandbox_pair', 'ModelUnavailable', 'load_prompt_file', 'load_prompt_templates',
+           'extract_json', 'DiskCache', 'LLMWriter', 'ChatEndpointConfig', 'ChatClient', 'ChatWriterConfig',
+           'OpenAIChatWriter', 'TransformersWriter', 'load_sentence_encoder', 'embed_texts', 'near_duplicates',
+           'dedup_pairs', 'group_analogous', 'dimension_plan', 'pair_records', 'write_pairs', 'load_taxonomy',
+           'TaxonomyRunConfig', 'make_writer', 'finalize_pairs', 'pair_table', 'plot_pair_counts', 'run_taxonomy']
 
 # %% ../nbs/02_taxonomy.ipynb #f6ab73cc
 import hashlib
@@ -426,14 +426,18 @@ class ModelUnavailable(RuntimeError):
         super().__init__(message); self.status = status
 
 
-def load_prompt_templates(version: str = "writer-v1") -> dict:
-    "The versioned prompt templates of the LLM writers (a YAML file shipped in `instructengine/prompts/`)."
+def load_prompt_file(version: str, required: set, what: str) -> dict:
+    "A versioned YAML file shipped in `instructengine/prompts/`, checked for its `required` keys; `what` names it in errors."
     path = resources.files("instructengine") / "prompts" / f"{version}.yaml"
-    if not path.is_file(): raise FileNotFoundError(f"no prompt templates {version!r} (looked for {path})")
-    t = load_yaml(path.read_text(encoding="utf-8"), str(path))
-    missing = {"version", "system", "base", "contrast", "dimensions"} - set(t)
-    if missing: raise ValueError(f"prompt templates {version!r}: missing {sorted(missing)}")
-    return t
+    if not path.is_file(): raise FileNotFoundError(f"no {what} {version!r} (looked for {path})")
+    d = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    if missing := set(required) - set(d): raise ValueError(f"{what} {version!r}: missing {sorted(missing)}")
+    return d
+
+
+def load_prompt_templates(version: str = "writer-v1") -> dict:
+    "The versioned prompt templates of the LLM writers."
+    return load_prompt_file(version, {"version", "system", "base", "contrast", "dimensions"}, "prompt templates")
 
 
 def extract_json(text: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from _loopback import completion, free_port
+from _loopback import completion, transformers_serve
 from instructengine.annotate import (AnnotateConfig, JudgeEndpointConfig, OpenAIJudge, OracleJudge, TransformersJudge, annotate,
                                      annotation_tasks, from_pickapic, load_pickapic, pairs_frame, read_pairs, run_annotate,
                                      to_pickapic)
@@ -105,28 +105,12 @@ def test_local_transformers_judge_records_garbage_as_malformed(tiny_vlm, tmp_pat
 
 @pytest.mark.slow
 def test_openai_judge_sends_images_to_transformers_serve(tiny_vlm, tmp_path):
-    port = free_port()
-    (tmp_path / "hub").mkdir()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
-    cli = Path(sys.executable).with_name("transformers")
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(cli), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        import httpx
-        for _ in range(240):
-            if proc.poll() is not None: pytest.fail(f"transformers serve exited: {(tmp_path / 'serve.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200: break
-            except httpx.TransportError: time.sleep(0.5)
-        else: pytest.fail("transformers serve did not come up in 120 s")
-        judge = OpenAIJudge(JudgeEndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model=str(tiny_vlm), max_tokens=12, response_format="none",
+    with transformers_serve(tmp_path) as url:
+        judge = OpenAIJudge(JudgeEndpointConfig(base_url=url, model=str(tiny_vlm), max_tokens=12, response_format="none",
                                                 max_parse_retries=0, timeout=120, concurrency=2, name="served"))
         run = make_run(tmp_path / "run", n_pairs=1, per_side=1)
         pairs, images = load(run)
         counts = annotate(judge, annotation_tasks(pairs, images, ["served"]), run)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM); proc.wait(30)
     recs = list(RecordLog(run.annotations).latest().values())
     assert counts == {"malformed": 6}, [r.get("error") for r in recs]
     assert all(r["raw"] and "no JSON object" in r["error"] for r in recs)        # a real reply of random tokens
@@ -253,3 +237,20 @@ def test_pickapic_round_trip_through_a_datasets_folder(tmp_path):
     plain = from_pickapic(load_pickapic(tmp_path / "repo"), RunDir(tmp_path / "plain"))
     assert list(plain.image_w) == list(pairs.image_w) and list(plain.tie) == [False, False, True] and set(plain.source) == {"pickapic"}
     with pytest.raises(ValueError, match="row 0: label_0 = 0.3"): from_pickapic(table.assign(label_0=0.3), RunDir(tmp_path / "bad"))
+
+
+def test_dedup_rule_near_identical_repeated_and_unreadable(tmp_path):
+    from instructengine.annotate import Judgments, RuleContext, apply_rules
+    run = make_run(tmp_path, n_pairs=1, per_side=2)
+    _, images = load(run)
+    a0, b0, a1, b1 = (next(r["path"] for r in images if r["id"] == f"sandbox/p#0|{s}|{j}") for s, j in (("a", 0), ("b", 0), ("a", 1), ("b", 1)))
+    quads = pd.DataFrame([{"quad_id": "same", "pair_id": "p", "image_a": a0, "image_b": a0},     # the generator ignored the edit
+                          {"quad_id": "first", "pair_id": "p", "image_a": a0, "image_b": b0},
+                          {"quad_id": "again", "pair_id": "p", "image_a": a0, "image_b": b0},    # the same two images once more
+                          {"quad_id": "other", "pair_id": "p", "image_a": a1, "image_b": b1},
+                          {"quad_id": "lost", "pair_id": "p", "image_a": "images/00/missing.png", "image_b": b1}])
+    kept, rejected, report = apply_rules(quads, [{"rule": "dedup", "threshold": 2.0}], RuleContext(Judgments([]), run))
+    assert list(kept.quad_id) == ["first", "other"]
+    assert dict(zip(rejected.quad_id, rejected.reason)) == {"same": "images a and b near-identical", "again": "repeats an earlier quad",
+                                                             "lost": "image a unreadable"}
+    assert report[0]["removed"] == 3 and report[0]["checked"] == 5

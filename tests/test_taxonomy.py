@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _loopback import completion, free_port
+from _loopback import completion, transformers_serve
 from instructengine.core import RecordStore
 from instructengine.taxonomy import (DIMENSIONS, ChatWriterConfig, OpenAIChatWriter, SandboxWriter, Taxonomy, TaxonomyError,
                                      TemplateWriter, TransformersWriter, extract_json, sandbox_taxonomy, verify_sandbox_pair,
@@ -165,27 +165,11 @@ def test_transformers_writer_records_garbage_as_malformed(tiny_llm):
 
 @pytest.mark.slow
 def test_openai_writer_against_transformers_serve(tiny_llm, tmp_path):
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
-    (tmp_path / "hub").mkdir()
-    log = open(tmp_path / "serve.log", "w")
-    cli = Path(sys.executable).with_name("transformers")
-    proc = subprocess.Popen([str(cli), "serve", str(tiny_llm), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        import httpx
-        for _ in range(240):
-            if proc.poll() is not None: pytest.fail(f"transformers serve exited: {(tmp_path / 'serve.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200: break
-            except httpx.TransportError: time.sleep(0.5)
-        else: pytest.fail("transformers serve did not come up in 120 s")
-        w = OpenAIChatWriter(ChatWriterConfig(base_url=f"http://127.0.0.1:{port}/v1", model=str(tiny_llm), max_tokens=16,
-                                              temperature=0.0, response_format="none", max_parse_retries=1, timeout=60))
+    with transformers_serve(tmp_path, tiny_llm) as url:
+        w = OpenAIChatWriter(ChatWriterConfig(base_url=url, model=str(tiny_llm), max_tokens=16, temperature=0.0, response_format="none",
+                                              max_parse_retries=1, timeout=60))
         base = w.write_base(sub(), 2)
         con = w.write_contrast({"text": "a red apple"}, "counterfactual")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM); proc.wait(30)
     assert [r["status"] for r in base] == ["malformed"] * 2 and base[0]["raw"], base   # a real reply: random tokens, no JSON
     assert con["status"] == "malformed" and con["raw"]
 
