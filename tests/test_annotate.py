@@ -251,6 +251,6 @@ def test_dedup_rule_near_identical_repeated_and_unreadable(tmp_path):
                           {"quad_id": "lost", "pair_id": "p", "image_a": "images/00/missing.png", "image_b": b1}])
     kept, rejected, report = apply_rules(quads, [{"rule": "dedup", "threshold": 2.0}], RuleContext(Judgments([]), run))
     assert list(kept.quad_id) == ["first", "other"]
-    assert dict(zip(rejected.quad_id, rejected.reason)) == {"same": "images a and b near-identical", "again": "repeats an earlier quad",
+    assert dict(zip(rejected.quad_id, rejected.reason, strict=True)) == {"same": "images a and b near-identical", "again": "repeats an earlier quad",
                                                              "lost": "image a unreadable"}
     assert report[0]["removed"] == 3 and report[0]["checked"] == 5
