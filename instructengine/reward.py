@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CONDITIONS', 'ClipBackbone', 'OpenClipBackbone', 'HFClipBackbone', 'load_backbone', 'condition_mask', 'FusionLayer',
-           'MPSConfig', 'MPSModel']
+           'MPSConfig', 'MPSModel', 'preference_loss', 'pairwise_accuracy']
 
 # %% ../nbs/05_reward.ipynb #681bdb03
 from dataclasses import dataclass, field
@@ -182,3 +182,19 @@ class MPSModel(nn.Module):
             for layer in self.fusion: img = layer(img, txt, keep)
             feat = img[:, 0]
         return bb.logit_scale.exp() * (F.normalize(feat, dim=-1) * F.normalize(eos, dim=-1)).sum(-1)
+
+# %% ../nbs/05_reward.ipynb #f1ffb8c3
+def preference_loss(score_a: torch.Tensor, score_b: torch.Tensor, label_a: torch.Tensor) -> torch.Tensor:
+    """MPS's pairwise loss: KL(p || q) between the label distribution p = (label_a, 1 - label_a) — (1, 0), (0, 1), or
+    (0.5, 0.5) for a tie — and q = softmax(score_a, score_b), averaged over the batch."""
+    logq = torch.stack([score_a, score_b], -1).log_softmax(-1)
+    p = torch.stack([label_a, 1 - label_a], -1).to(logq.dtype)
+    return F.kl_div(logq, p, reduction="batchmean")
+
+
+def pairwise_accuracy(score_a: torch.Tensor, score_b: torch.Tensor, label_a: torch.Tensor) -> tuple:
+    """MPS's convention: pairs labelled a tie are skipped, a predicted tie counts as wrong. Returns (accuracy, pairs counted)."""
+    decided = label_a != 0.5
+    right = torch.where(label_a == 1, score_a > score_b, score_b > score_a) & decided
+    n = int(decided.sum())
+    return (float(right.sum()) / n if n else float("nan")), n
