@@ -29,16 +29,17 @@ class ClipBackbone(nn.Module):
     """What MPS needs from a CLIP, whatever its library: `encode_text(ids)` -> projected features of every token (B, T, D)
     and of the EOS token (B, D); `encode_image(pixels)` -> projected features of every image token, CLS first (B, P, D);
     `valid(ids)` -> (B, T) True for the tokens from BOS to EOS; `tokenize(texts)` -> ids; `logit_scale`."""
-    patch_norm = False   # MPS projects the vision encoder's last hidden state as it is; True applies CLIP's final LayerNorm first
+    def __init__(self, model, tokenizer, patch_norm: bool = False):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.patch_norm = patch_norm   # MPS projects the vision encoder's last hidden state as it is; True applies CLIP's final LayerNorm first
+
+    @property
+    def logit_scale(self) -> torch.Tensor: return self.model.logit_scale   # a view, so the parameter is stored once
 
 
 class OpenClipBackbone(ClipBackbone):
     "An open_clip CLIP (the sandbox CLIP, ViT-H-14, ...) as an MPS backbone."
-    def __init__(self, model, tokenizer, patch_norm: bool = False):
-        super().__init__()
-        self.model, self.tokenizer, self.patch_norm = model, tokenizer, patch_norm
-        self.logit_scale = model.logit_scale
-
     def tokenize(self, texts: list) -> torch.Tensor: return self.tokenizer(texts)
 
     def valid(self, ids: torch.Tensor) -> torch.Tensor:   # open_clip pads with 0 after the EOS token (the largest id)
@@ -62,11 +63,6 @@ class OpenClipBackbone(ClipBackbone):
 
 class HFClipBackbone(ClipBackbone):
     "A transformers `CLIPModel` (the format MPS and PickScore ship) as an MPS backbone."
-    def __init__(self, model, tokenizer, patch_norm: bool = False):
-        super().__init__()
-        self.model, self.tokenizer, self.patch_norm = model, tokenizer, patch_norm
-        self.logit_scale = model.logit_scale
-
     def tokenize(self, texts: list) -> torch.Tensor:
         return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
 
