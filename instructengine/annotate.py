@@ -6,16 +6,17 @@
 __all__ = ['VERDICTS', 'FINAL_STATUSES', 'RULES', 'PAIR_COLUMNS', 'PICKAPIC_EXTRA', 'verdict', 'Judge', 'OracleJudge',
            'ClipJudge', 'load_rubric', 'judge_prompt', 'parse_rating', 'parse_verdict', 'image_data_url', 'VLMJudge',
            'JudgeEndpointConfig', 'OpenAIJudge', 'TransformersJudge', 'make_judge', 'annotation_tasks', 'annotate',
-           'candidate_quads', 'Judgments', 'image_fingerprint', 'rule_follows_own', 'rule_min_margin', 'rule_harmless',
-           'rule_agreement', 'rule_dedup', 'RuleContext', 'check_rules', 'apply_rules', 'pairs_frame', 'read_pairs',
-           'pairs_from_quads', 'pairs_from_ratings', 'to_pickapic', 'from_pickapic', 'load_pickapic', 'agreement',
-           'AnnotateConfig', 'run_annotate']
+           'images_by_side', 'candidate_quads', 'Judgments', 'image_fingerprint', 'rule_follows_own', 'rule_min_margin',
+           'rule_harmless', 'rule_agreement', 'rule_dedup', 'RuleContext', 'check_rules', 'apply_rules', 'pairs_frame',
+           'read_pairs', 'pairs_from_quads', 'pairs_from_ratings', 'to_pickapic', 'from_pickapic', 'load_pickapic',
+           'agreement', 'AnnotateConfig', 'run_annotate']
 
 # %% ../nbs/04_annotate.ipynb #4e5afa3a
 import base64
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -353,12 +354,12 @@ def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard
                     if t["path"] not in cache: cache[t["path"]] = images.get(run.root / t["path"])
                     loaded.append((rec, t | {"image": cache[t["path"]]}))
                 except ImageStoreError as e: store.append(rec | {"status": "image_error", "error": str(e)})
-            if not loaded: store.flush(); continue
-            t0 = time.time()
-            try: results = judge.judge_many([t for _, t in loaded])
-            except Exception as e: results = [{"status": "error", "error": f"{type(e).__name__}: {e}"}] * len(loaded)
-            dt = round((time.time() - t0) / len(loaded), 4)
-            store.extend(rec | r | {"seconds": dt} for (rec, _), r in zip(loaded, results, strict=True))
+            if loaded:
+                t0 = time.time()
+                try: results = judge.judge_many([t for _, t in loaded])
+                except Exception as e: results = [{"status": "error", "error": f"{type(e).__name__}: {e}"}] * len(loaded)
+                dt = round((time.time() - t0) / len(loaded), 4)
+                store.extend(rec | r | {"seconds": dt} for (rec, _), r in zip(loaded, results, strict=True))
             store.flush()   # judgments are dear: a kill loses at most the batch in flight
     counts: dict = {}
     for r in RecordLog(run.annotations).latest().values():
@@ -366,15 +367,20 @@ def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard
     return counts
 
 # %% ../nbs/04_annotate.ipynb #cf2f4d65
+def images_by_side(pairs: dict, image_records: list) -> dict:
+    "The ok images of each pair's sides: {pair id: {'a': {index: record}, 'b': {index: record}}}, in index order."
+    by = {}
+    for im in sorted(image_records, key=lambda r: r["index"]):
+        if im.get("status") == "ok" and im["pair_id"] in pairs: by.setdefault(im["pair_id"], {"a": {}, "b": {}})[im["side"]][im["index"]] = im
+    return by
+
+
 def candidate_quads(pairs: dict, image_records: list, pairing: str = "same_seed") -> pd.DataFrame:
     """Cross-validation candidates: for each contrast pair, an image of side a and one of side b. `same_seed` pairs the
     images made from the same seed (only the instruction differs); `all` takes every combination."""
     if pairing not in ("same_seed", "all"): raise ValueError(f"pairing {pairing!r}: expected 'same_seed' or 'all'")
-    by = {}
-    for im in image_records:
-        if im.get("status") == "ok" and im["pair_id"] in pairs: by.setdefault(im["pair_id"], {"a": {}, "b": {}})[im["side"]][im["index"]] = im
     rows = []
-    for pid, sides in by.items():
+    for pid, sides in images_by_side(pairs, image_records).items():
         p = pairs[pid]
         combos = [(j, j) for j in sorted(sides["a"]) if j in sides["b"]] if pairing == "same_seed" else \
                  [(j, k) for j in sorted(sides["a"]) for k in sorted(sides["b"])]
@@ -386,7 +392,7 @@ def candidate_quads(pairs: dict, image_records: list, pairing: str = "same_seed"
     return pd.DataFrame(rows, columns=["quad_id", "pair_id", "dimension", "kind", "instr_a", "instr_b", "image_a", "image_b",
                                        "image_a_id", "image_b_id", "seed_a", "seed_b"])
 
-# %% ../nbs/04_annotate.ipynb #0ecb3445
+# %% ../nbs/04_annotate.ipynb #e319f02b
 class Judgments:
     "The latest ok judgment of each (judge, task, image) in `annotations.jsonl`, for rules and reports."
     def __init__(self, records):
@@ -409,7 +415,7 @@ class Judgments:
         r = self.by.get((judge, task, image_id))
         return r["status"] if r else "missing"
 
-# %% ../nbs/04_annotate.ipynb #f94ee434
+# %% ../nbs/04_annotate.ipynb #82a2e807
 def image_fingerprint(image, side: int = 16) -> np.ndarray:
     "A tiny RGB thumbnail (side x side, box-filtered) as floats 0-255: near-identical images have near-identical prints."
     return np.asarray(to_pil(image).convert("RGB").resize((side, side), Image.BOX), np.float32)
@@ -462,7 +468,7 @@ def rule_dedup(q, ctx, threshold: float = 2.0):
 RULES = {"follows_own": rule_follows_own, "min_margin": rule_min_margin, "harmless": rule_harmless,
          "agreement": rule_agreement, "dedup": rule_dedup}
 
-# %% ../nbs/04_annotate.ipynb #fbf1f289
+# %% ../nbs/04_annotate.ipynb #1f84b653
 class RuleContext:
     "What rules may look at: the judgments, the run's images (fingerprinted once), and state a rule keeps (dedup)."
     def __init__(self, judgments: Judgments, run: RunDir = None):
@@ -476,15 +482,19 @@ class RuleContext:
         return self._prints[path]
 
 
-def check_rules(rules: list) -> list:
-    "Validate a rule list (`[{'rule': name, **settings}, ...]`); errors name the item and what was expected."
+def check_rules(rules: list, judges: list = None) -> list:
+    """Validate a rule list (`[{'rule': name, **settings}, ...]`); errors name the item and what was expected. With
+    `judges`, a rule that names a judge not among them is refused too: it would remove every quad."""
     out = []
     for i, r in enumerate(rules):
         if not isinstance(r, dict) or r.get("rule") not in RULES:
             raise ConfigError(f"rules[{i}] = {r!r}: expected a mapping with 'rule' one of {', '.join(RULES)}")
-        params = [p for p in inspect.signature(RULES[r["rule"]]).parameters if p not in ("q", "ctx")]
+        params = {k: p.default for k, p in inspect.signature(RULES[r["rule"]]).parameters.items() if k not in ("q", "ctx")}
         unknown = [k for k in r if k != "rule" and k not in params]
         if unknown: raise ConfigError(f"rules[{i}] ({r['rule']}): unknown settings {unknown}; valid: {', '.join(params)}")
+        named = [r.get("judge", params["judge"])] if "judge" in params else list(r.get("judges", params.get("judges", ())))
+        if judges is not None and (missing := [j for j in named if j not in judges]):
+            raise ConfigError(f"rules[{i}] ({r['rule']}): judge {missing[0]!r} is not one of the judges ({', '.join(judges)})")
         out.append(dict(r))
     return out
 
@@ -507,7 +517,7 @@ def apply_rules(quads: pd.DataFrame, rules: list, ctx: RuleContext) -> tuple:
     cols = list(quads.columns)
     return pd.DataFrame(alive, columns=cols), pd.DataFrame(rejected, columns=cols + ["rule", "reason"]), report
 
-# %% ../nbs/04_annotate.ipynb #6eecd112
+# %% ../nbs/04_annotate.ipynb #f2bf4fce
 PAIR_COLUMNS = ["id", "prompt", "image_w", "image_l", "dimension", "tie", "scores", "quad_id", "source"]
 
 
@@ -548,26 +558,21 @@ def pairs_from_quads(quads: pd.DataFrame, j: Judgments, score_judge: str = "orac
 def pairs_from_ratings(pairs: dict, image_records: list, j: Judgments, judge: str = "oracle", aspects=ASPECTS, margin: float = 1) -> pd.DataFrame:
     """VisionPrefer's pairs: two images of the same instruction, one pair per aspect on which the judge's scores differ
     by at least `margin`; the dimension is the aspect."""
-    by = {}
-    for im in image_records:
-        if im.get("status") == "ok" and im["pair_id"] in pairs: by.setdefault((im["pair_id"], im["side"]), []).append(im)
     rows = []
-    for (pid, side), ims in by.items():
-        ims = sorted(ims, key=lambda r: r["index"])
-        for x in range(len(ims)):
-            for y in range(x + 1, len(ims)):
-                rx, ry = j.get(judge, f"rate:{side}", ims[x]["id"]), j.get(judge, f"rate:{side}", ims[y]["id"])
-                if not (rx and ry): continue
-                for a in aspects:
+    for pid, sides in images_by_side(pairs, image_records).items():
+        for side, by_index in sides.items():
+            for x, y in itertools.combinations(by_index.values(), 2):
+                rx, ry = j.get(judge, f"rate:{side}", x["id"]), j.get(judge, f"rate:{side}", y["id"])
+                for a in (aspects if rx and ry else ()):
                     sx, sy = rx["scores"].get(a), ry["scores"].get(a)
                     if sx is None or sy is None or abs(sx - sy) < margin: continue
-                    w, l = (ims[x], ims[y]) if sx > sy else (ims[y], ims[x])
+                    w, l = (x, y) if sx > sy else (y, x)
                     rows.append({"id": f"rating|{w['id']}|{l['id']}|{a}", "prompt": pairs[pid][side], "image_w": w["path"], "image_l": l["path"],
                                  "dimension": a, "tie": False, "quad_id": None, "source": "rating",
                                  "scores": json.dumps({a: [max(sx, sy), min(sx, sy)]})})
     return pairs_frame(rows)
 
-# %% ../nbs/04_annotate.ipynb #3f77fee9
+# %% ../nbs/04_annotate.ipynb #59288c3e
 PICKAPIC_EXTRA = ["id", "dimension", "scores", "quad_id", "source"]   # our columns, carried beside Pick-a-Pic's
 
 
@@ -625,7 +630,7 @@ def load_pickapic(folder, split: str = "train"):
     if (folder / "state.json").is_file(): return datasets.load_from_disk(str(folder))
     return datasets.load_dataset(str(folder), split=split)
 
-# %% ../nbs/04_annotate.ipynb #36591785
+# %% ../nbs/04_annotate.ipynb #e209ed20
 def agreement(records, judge: str, reference: str = "oracle", n_boot: int = 1000) -> pd.DataFrame:
     """How often `judge` agrees with `reference` (by default the oracle), on the items both judged ok: per aspect, the
     share of equal scores (95% bootstrap interval), the share within one point, the mean absolute difference; the share
@@ -654,7 +659,7 @@ def agreement(records, judge: str, reference: str = "oracle", n_boot: int = 1000
                      "mean_abs_diff": float(np.mean([abs(a - b) for a, b in x])) if num else np.nan})
     return pd.DataFrame(rows, columns=["judge", "reference", "what", "n", "agree", "ci_low", "ci_high", "within_1", "mean_abs_diff"])
 
-# %% ../nbs/04_annotate.ipynb #1eba90f0
+# %% ../nbs/04_annotate.ipynb #d837cb13
 def _default_judges(): return [{"kind": "oracle"}, {"kind": "clip"}]
 def _default_rules(): return [{"rule": "follows_own", "judge": "oracle"}, {"rule": "agreement", "judges": ["oracle", "clip"]},
                               {"rule": "min_margin", "judge": "oracle", "aspect": "prompt_following", "margin": 1},
@@ -695,11 +700,8 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     judges = [make_judge(s) for s in cfg.judges]
     names = [j.name for j in judges]
     if len(set(names)) < len(names): raise ConfigError(f"AnnotateConfig.judges: two judges share a name ({names}); give one a `name`")
-    for i, r in enumerate(cfg.rules):   # a rule that names a judge that is not there would remove every quad
-        defaults = {p.name: p.default for p in inspect.signature(RULES[r["rule"]]).parameters.values()}
-        wanted = [r.get("judge", defaults.get("judge"))] if "judge" in defaults else list(r.get("judges", defaults.get("judges", ())))
-        if missing := [w for w in wanted if w not in names]:
-            raise ConfigError(f"AnnotateConfig.rules[{i}] ({r['rule']}): judge {missing[0]!r} is not one of the judges ({', '.join(names)})")
+    try: check_rules(cfg.rules, names)
+    except ConfigError as e: raise ConfigError(f"AnnotateConfig.{e}") from None
     if cfg.score_judge not in names: raise ConfigError(f"AnnotateConfig.score_judge = {cfg.score_judge!r}: not one of the judges ({', '.join(names)})")
     if state.is_main_process: run.write_config("annotate", cfg)
     tasks = annotation_tasks(pairs, images, names, cfg.rate_other)

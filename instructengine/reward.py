@@ -27,12 +27,13 @@ CONDITIONS = {   # MPS's condition words per preference dimension (arXiv 2405.14
 # %% ../nbs/05_reward.ipynb #da753b7a
 class ClipBackbone(nn.Module):
     """What MPS needs from a CLIP, whatever its library: `encode_text(ids)` -> projected features of every token (B, T, D)
-    and of the EOS token (B, D); `encode_image(pixels)` -> projected features of every image token, CLS first (B, P, D);
+    and of the EOS token (B, D); `encode_image(pixels, norm)` -> projected features of every image token, CLS first (B, P, D);
     `valid(ids)` -> (B, T) True for the tokens from BOS to EOS; `tokenize(texts)` -> ids; `logit_scale`."""
     def __init__(self, model, tokenizer, patch_norm: bool = False):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.patch_norm = patch_norm   # MPS projects the vision encoder's last hidden state as it is; True applies CLIP's final LayerNorm first
+        self.patch_norm = patch_norm   # MPS projects the vision encoder's last hidden state as it is; True applies CLIP's final LayerNorm
+                                       # first (`encode_image(..., norm=)` overrides it for one call)
 
     @property
     def logit_scale(self) -> torch.Tensor: return self.model.logit_scale   # a view, so the parameter is stored once
@@ -55,10 +56,10 @@ class OpenClipBackbone(ClipBackbone):
         tokens = self._project(x, m.text_projection)
         return tokens, tokens[torch.arange(ids.shape[0]), ids.argmax(-1)]
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, norm: bool = None) -> torch.Tensor:
         v = self.model.visual
         x = v.transformer(v._embeds(pixels))
-        return (self._project(v.ln_post(x) if self.patch_norm else x, v.proj))
+        return self._project(v.ln_post(x) if (self.patch_norm if norm is None else norm) else x, v.proj)
 
 
 class HFClipBackbone(ClipBackbone):
@@ -74,10 +75,10 @@ class HFClipBackbone(ClipBackbone):
         out = self.model.text_model(input_ids=ids)
         return self.model.text_projection(out.last_hidden_state), self.model.text_projection(out.pooler_output)
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, norm: bool = None) -> torch.Tensor:
         vm = self.model.vision_model
         x = vm(pixel_values=pixels).last_hidden_state
-        return self.model.visual_projection(vm.post_layernorm(x) if self.patch_norm else x)
+        return self.model.visual_projection(vm.post_layernorm(x) if (self.patch_norm if norm is None else norm) else x)
 
 # %% ../nbs/05_reward.ipynb #97cf0d64
 def load_backbone(spec: str, patch_norm: bool = False, device: str = "cpu") -> ClipBackbone:
@@ -165,10 +166,7 @@ class MPSModel(nn.Module):
         "Scores (B,) of images `pixels` (B, 3, H, W) under prompts `ids` (B, T) and conditions `cond_ids` (B, C)."
         bb = self.backbone
         txt, eos = bb.encode_text(ids)
-        if not self.cfg.use_fusion:
-            saved, bb.patch_norm = bb.patch_norm, True   # CLIP's own pooled image feature: the normalised CLS token, projected
-            try: feat = bb.encode_image(pixels)[:, 0]
-            finally: bb.patch_norm = saved
+        if not self.cfg.use_fusion: feat = bb.encode_image(pixels, norm=True)[:, 0]   # CLIP's own pooled image feature
         else:
             img, valid = bb.encode_image(pixels), bb.valid(ids)
             keep = valid

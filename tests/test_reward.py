@@ -21,9 +21,7 @@ def test_hf_clip_backbone_extends_clip_features(tmp_path):
         px = torch.randn(2, 3, 32, 32)
         assert torch.allclose(eos, bb.model.get_text_features(input_ids=ids).pooler_output, atol=1e-6)
         assert bb.encode_image(px).shape == (2, 17, 16) and tokens.shape == (2, 77, 16)
-        bb.patch_norm = True
-        assert torch.allclose(bb.encode_image(px)[:, 0], bb.model.get_image_features(pixel_values=px).pooler_output, atol=1e-6)
-        bb.patch_norm = False
+        assert torch.allclose(bb.encode_image(px, norm=True)[:, 0], bb.model.get_image_features(pixel_values=px).pooler_output, atol=1e-6)
         model = MPSModel(MPSConfig(backbone=f"hf:{tmp_path}", layers=1, heads=2), backbone=bb).eval()
         scores = model(px, ids, model.condition_ids(["semantic", "overall"]))
     assert scores.shape == (2,) and torch.isfinite(scores).all()
