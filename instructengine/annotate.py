@@ -14,6 +14,7 @@ __all__ = ['VERDICTS', 'FINAL_STATUSES', 'RULES', 'PAIR_COLUMNS', 'PICKAPIC_EXTR
 # %% ../nbs/04_annotate.ipynb #4e5afa3a
 import base64
 import hashlib
+import importlib
 import inspect
 import io
 import itertools
@@ -309,12 +310,17 @@ class TransformersJudge(VLMJudge):
 # %% ../nbs/04_annotate.ipynb #4646477c
 def make_judge(spec) -> Judge:
     """A judge from a spec: a name ("oracle", "clip") or a dict with `kind` and its settings: oracle; clip (model,
-    device, name); openai (the fields of JudgeEndpointConfig); transformers (model, device, dtype, batch_size, ...)."""
+    device, name); openai (the fields of JudgeEndpointConfig); transformers (model, device, dtype, batch_size, ...);
+    reward (a trained MPS model folder: model, device, name, verify_dimension, aspect_map, batch_size), which lives in
+    the later `reward` module and is imported only when asked for."""
     spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
     kind = spec.pop("kind", None)
     makers = {"oracle": OracleJudge, "clip": ClipJudge, "openai": lambda **kw: OpenAIJudge(JudgeEndpointConfig.from_dict(kw)),
-              "transformers": TransformersJudge}
+              "transformers": TransformersJudge, "reward": "instructengine.reward:RewardJudge"}
     if kind not in makers: raise ConfigError(f"judge {spec}: 'kind' is {kind!r}, expected one of {', '.join(makers)}")
+    if isinstance(makers.get(kind), str):
+        module, attr = makers[kind].split(":")
+        makers[kind] = getattr(importlib.import_module(module), attr)
     if kind != "openai":
         params = inspect.signature(makers[kind]).parameters
         unknown = [k for k in spec if k not in params]
