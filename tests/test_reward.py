@@ -1,19 +1,30 @@
-"Reward model: the transformers CLIPModel backbone loaded with from_pretrained, and the condition mask on hand-made features."
-import torch
+"""Reward model: real backbones (the shipped sandbox CLIP, a tiny transformers CLIPModel saved and loaded with
+from_pretrained, open_clip checkpoint files), the condition mask, training with a killed and resumed process, saving
+and loading, scoring, and the reward model as a judge of the annotation stage."""
+import argparse
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
-from instructengine.reward import MPSConfig, MPSModel, condition_mask, load_backbone
-from instructengine.sandbox_generator import clip_tokenizer
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from instructengine.annotate import make_judge, pairs_frame
+from instructengine.core import ConfigError
+from instructengine.reward import (SANDBOX_CONDITIONS, MPSConfig, MPSModel, RewardTrainConfig, condition_mask, load_backbone,
+                                   load_reward, mask_quality, save_reward, score, tiny_clip_folder, train_reward)
+from instructengine.sandbox import caption, render, sample_scene
+
+SANDBOX = dict(mask_similarity="lexical", threshold=0.9, conditions=SANDBOX_CONDITIONS)
 
 
 def test_hf_clip_backbone_extends_clip_features(tmp_path):
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                      max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8),
-                     projection_dim=16)
-    CLIPModel(cfg).save_pretrained(tmp_path); clip_tokenizer(77).save_pretrained(tmp_path)
-    bb = load_backbone(f"hf:{tmp_path}")
+    bb = load_backbone(f"hf:{tiny_clip_folder(tmp_path)}")
     ids = bb.tokenize(["two red circles on the left", "a cat"])
     assert ids.shape == (2, 77) and bb.valid(ids).sum(1).tolist() == [8, 4]     # BOS, the words, EOS
     with torch.no_grad():
@@ -23,7 +34,7 @@ def test_hf_clip_backbone_extends_clip_features(tmp_path):
         assert bb.encode_image(px).shape == (2, 17, 16) and tokens.shape == (2, 77, 16)
         assert torch.allclose(bb.encode_image(px, norm=True)[:, 0], bb.model.get_image_features(pixel_values=px).pooler_output, atol=1e-6)
         model = MPSModel(MPSConfig(backbone=f"hf:{tmp_path}", layers=1, heads=2), backbone=bb).eval()
-        scores = model(px, ids, model.condition_ids(["semantic", "overall"]))
+        scores = model(bb.pixels([render(sample_scene(random.Random(0)))] * 2), ids, model.condition_ids(["semantic", "overall"]))
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 
 
@@ -35,3 +46,121 @@ def test_condition_mask_normalises_per_prompt_and_ignores_padding():
     assert torch.allclose(sim, torch.tensor([[0.5, 1.0, 0.25, 0.0]]))        # max over real condition tokens, / the prompt's max
     assert keep.tolist() == [[True, True, False, False]]
     assert condition_mask(text, tv, cond, cv, threshold=0.01)[0].tolist() == [[True, True, True, False]]
+    keep, sim = condition_mask(text, tv, cond, cv, threshold=0.9, normalize=False)   # cosine, as it is; the first token always kept
+    assert torch.allclose(sim, torch.tensor([[1.0, 1.0, 0.7071, 0.0]]), atol=1e-4) and keep.tolist() == [[True, True, False, False]]
+
+
+def test_sandbox_mask_keeps_the_naming_words():
+    rng = random.Random(5)
+    caps = [caption(sample_scene(rng), k=rng.randrange(6), template=rng.randrange(3)) for _ in range(200)]
+    q = mask_quality(MPSModel(MPSConfig(**SANDBOX)).eval(), caps)
+    assert (q["precision"] >= 0.9).all() and (q["recall"] >= 0.9).all(), q
+
+
+def test_open_clip_checkpoint_files_load_and_pickles_are_refused(tmp_path):
+    from instructengine.sandbox_clip import SANDBOX_CLIP, register_sandbox_clip
+    register_sandbox_clip()
+    shipped = load_backbone("sandbox")
+    sd = shipped.model.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "clip.safetensors")
+    torch.save(sd, tmp_path / "clip.bin")
+    ids = shipped.tokenize(["two red circles"])
+    for f in ("clip.safetensors", "clip.bin"):
+        bb = load_backbone(SANDBOX_CLIP, weights=str(tmp_path / f))
+        assert torch.equal(bb.encode_text(ids)[1], shipped.encode_text(ids)[1])
+    torch.save({"state_dict": sd, "evil": argparse.Namespace(run="anything")}, tmp_path / "evil.bin")   # needs unpickling a class
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        load_backbone(SANDBOX_CLIP, weights=str(tmp_path / "evil.bin"))
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        load_backbone(SANDBOX_CLIP, weights=str(tmp_path / "missing.bin"))
+
+
+@pytest.fixture(scope="module")
+def lesson_run(tmp_path_factory):
+    "A run folder with 16 aesthetic pairs: each scene rendered clean (the winner) and noisy."
+    root = tmp_path_factory.mktemp("reward-run")
+    (root / "images").mkdir()
+    rng, rows = random.Random(0), []
+    for k in range(16):
+        sc = sample_scene(rng)
+        for j, fin in enumerate(("clean", "noisy")): render(dataclasses.replace(sc, finish=fin), seed=k).save(root / "images" / f"{k}-{j}.png")
+        rows.append({"id": f"p{k}", "prompt": caption(sc), "image_w": f"images/{k}-0.png", "image_l": f"images/{k}-1.png",
+                     "dimension": "aesthetic", "tie": k % 5 == 0, "scores": "{}", "quad_id": None, "source": "test"})
+    pairs_frame(rows).to_parquet(root / "pairs.parquet")
+    return root
+
+
+TRAIN = """
+import sys, pandas as pd
+from instructengine.reward import *
+cfg = RewardTrainConfig.from_yaml(open(sys.argv[1]).read())
+train_reward(cfg, pd.read_parquet(sys.argv[2]), log=lambda *a: None)
+"""
+
+
+def _cfg(run, out, **kw):
+    return RewardTrainConfig(run_dir=str(run), model=MPSConfig(layers=1, **SANDBOX), max_steps=8, batch_size=4, grad_accum=2,
+                             warmup_steps=2, checkpoint_every=1, out=str(out), **kw)
+
+
+def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
+    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    _, straight = train_reward(_cfg(lesson_run, tmp_path / "straight"), pairs, log=lambda *a: None)
+    cfg = _cfg(lesson_run, tmp_path / "killed")
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    env = os.environ | {"INSTRUCTENGINE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(tmp_path / "cfg.yaml"), str(lesson_run / "pairs.parquet")], env=env)
+    ckpt = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpt.glob("step-3")) and proc.poll() is None: time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    steps = sorted(int(p.name[5:]) for p in ckpt.glob("step-*") if p.name[5:].isdigit())
+    assert steps and steps[-1] < 8, f"the process was not killed mid-way (checkpoints {steps})"
+    model, resumed = train_reward(cfg, pairs, log=lambda *a: None)
+    assert [h["step"] for h in resumed] == list(range(1, 9))
+    for a, b in zip(straight, resumed, strict=True): assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
+    # a checkpoint made with other parameters is not resumed: the run starts over, and says so
+    with pytest.warns(UserWarning, match="other training parameters.*starting over"):
+        _, other = train_reward(cfg.with_overrides(lr=1e-2, max_steps=3), pairs, log=lambda *a: None)
+    assert [h["step"] for h in other] == [1, 2, 3] and other[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-6)
+
+
+def test_save_load_score_and_judge(lesson_run, tmp_path):
+    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    model, _ = train_reward(_cfg(lesson_run, tmp_path / "m", freeze="all-but-last-1"), pairs, log=lambda *a: None)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["checkpoints", "config.json", "model.safetensors", "train_log.csv"]
+    again = load_reward(tmp_path / "m")
+    ims = [lesson_run / p for p in pairs["image_w"][:5]]
+    s = score(again, ims, list(pairs["prompt"][:5]), "aesthetic", batch_size=2)
+    assert s.shape == (5,) and torch.allclose(s, score(model, ims, list(pairs["prompt"][:5]), "aesthetic"), atol=1e-5)
+    assert not torch.allclose(s, score(again, ims, list(pairs["prompt"][:5]), "fidelity"))   # the condition matters
+    with pytest.raises(ValueError, match="3 prompts for 5 images"): score(again, ims, ["a", "b", "c"], "aesthetic")
+    with pytest.raises(KeyError, match="no condition words for dimension"): score(again, ims, "a red circle", "style")
+    judge = make_judge({"kind": "reward", "model": str(tmp_path / "m"), "name": "mps"})
+    r = judge.rate(ims[0], pairs["prompt"][0], ["aesthetic", "prompt_following"])
+    assert r["status"] == "ok" and abs(r["scores"]["aesthetic"] - float(s[0])) < 1e-3
+    v = judge.verify(ims[0], pairs["prompt"][0], pairs["prompt"][1])
+    assert v["status"] == "ok" and v["follows"] in ("a", "b")
+    assert judge.rate(ims[0], "a red circle", ["style"])["status"] == "unsupported"
+    bad = judge.judge_many([{"task": "rate", "image": tmp_path / "missing.png", "instruction": "a red circle", "aspects": ["aesthetic"]}])
+    assert bad[0]["status"] == "error" and "missing.png" in bad[0]["error"]
+
+
+def test_hf_backbone_reward_saves_and_loads_without_its_folder(tmp_path):
+    folder = tiny_clip_folder(tmp_path / "clip")
+    model = MPSModel(MPSConfig(backbone=f"hf:{folder}", layers=1, heads=2, conditions=SANDBOX_CONDITIONS)).eval()
+    save_reward(model, tmp_path / "saved")
+    for f in folder.iterdir(): f.unlink()
+    again = load_reward(tmp_path / "saved")
+    im = render(sample_scene(random.Random(1)))
+    args = (model.backbone.pixels([im]), model.backbone.tokenize(["a red circle"]), model.condition_ids(["aesthetic"]))
+    with torch.no_grad(): assert torch.equal(again(*args), model(*args))
+    with pytest.raises(FileNotFoundError, match="no config.json"): load_reward(tmp_path / "clip")
+
+
+def test_bad_training_configs_name_the_field():
+    with pytest.raises(ConfigError, match="dimensions"): RewardTrainConfig(model=MPSConfig(**SANDBOX), dimensions=["style"])
+    with pytest.raises(ConfigError, match="mask_similarity"): MPSConfig(mask_similarity="fuzzy")
+    with pytest.raises(ConfigError, match="all-but-last-N"):
+        from instructengine.reward import freeze_backbone
+        freeze_backbone(load_backbone("sandbox"), "all-but-last-x")
