@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 N      ?= nbs/[0-9]*.ipynb nbs/index.ipynb
 
-.PHONY: install sandbox bench-sandbox test sync-check nbtest pytest export outputs lab
+.PHONY: install sandbox reward-study bench-sandbox test sync-check nbtest pytest export outputs lab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,29 @@ sandbox: install
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/04_annotate.ipynb $(RUN)/notebooks/04_annotate.ipynb --cwd nbs -p run_dir ../$(RUN) -p limit 0
 	@echo; echo "Annotation (oracle + sandbox CLIP judges, human-defined rules): quads and preference pairs:"
 	@$(BIN)/python tools/print_annotate.py $(RUN)
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/05_reward.ipynb $(RUN)/notebooks/05_reward.ipynb --cwd nbs -p run_dir ../$(RUN) -p max_steps 500
+	@echo; echo "MPS reward model on the oracle's four aspects, held-out contrast pairs (accuracy, decided pairs):"
+	@$(BIN)/python -c "import json; m = json.load(open('$(RUN)/reward/metrics.json')); print(json.dumps({k: round(v, 3) for k, v in m['accuracy'].items()}), '| pairs', json.dumps(m['decided_test_pairs']))"
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/06_attention.ipynb $(RUN)/notebooks/06_attention.ipynb --cwd nbs -p run_dir ../$(RUN)
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/01b_sandbox_generator.ipynb $(RUN)/notebooks/01b_sandbox_generator.ipynb \
 		--cwd nbs -p run_dir ../$(RUN) -p per_prompt 4
 	@echo; echo "ShapesBench, base sandbox generator, 4 images per prompt (exact match, 95% bootstrap interval):"
 	@$(BIN)/python -c "import pandas as pd; print(pd.read_csv('$(RUN)/eval/shapesbench-base.csv', index_col=0).round(3).to_string())"
+
+# the reward model's sandbox study: a second run with 6 images per side of every pair (oracle-annotated), then MPS and its
+# ablations (no condition mask, no cross-attention, one model per dimension) trained with one recipe, about 25 min on 2 CPU cores
+STUDY ?= runs/reward-study
+reward-study: install
+	mkdir -p $(STUDY)/notebooks
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/02_taxonomy.ipynb $(STUDY)/notebooks/02_taxonomy.ipynb --cwd nbs -p run_dir ../$(STUDY)
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/03_generate.ipynb $(STUDY)/notebooks/03_generate.ipynb --cwd nbs -p run_dir ../$(STUDY) \
+		-p limit 0 -p images_per_instruction 6
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/04_annotate.ipynb $(STUDY)/notebooks/04_annotate.ipynb --cwd nbs -p run_dir ../$(STUDY) \
+		-p limit 0 -y '{judges: [{kind: oracle}], rules: [{rule: follows_own, judge: oracle}]}'
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/05_reward.ipynb $(STUDY)/notebooks/05_reward.ipynb --cwd nbs -p run_dir ../$(STUDY) \
+		-p max_steps 1000 -p ablations True
+	@$(BIN)/python -c "import json, pandas as pd; m = json.load(open('$(STUDY)/reward/metrics.json')); \
+		print(pd.DataFrame(m['ablations']).round(3).to_string())"
 
 # the package and the notebooks must be in sync: exporting and cleaning must not change the tree
 sync-check: install
