@@ -118,7 +118,9 @@ def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
     assert steps and steps[-1] < 8, f"the process was not killed mid-way (checkpoints {steps})"
     model, resumed = train_reward(cfg, pairs, log=lambda *a: None)
     assert [h["step"] for h in resumed] == list(range(1, 9))
-    for a, b in zip(straight, resumed, strict=True): assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
+    gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(straight, resumed, strict=True))
+    print(f"killed at checkpoint step-{steps[-1]}; largest loss difference over 8 steps: {gap:.1e}")
+    assert gap <= 1e-4, (straight, resumed)
     # a checkpoint made with other parameters is not resumed: the run starts over, and says so
     with pytest.warns(UserWarning, match="other training parameters.*starting over"):
         _, other = train_reward(cfg.with_overrides(lr=1e-2, max_steps=3), pairs, log=lambda *a: None)
