@@ -755,16 +755,23 @@ def accuracy_table(pairs: pd.DataFrame, sw: torch.Tensor, sl: torch.Tensor) -> p
     return pd.DataFrame(rows).set_index("dimension")
 
 
+def _scores_by_condition(model: "MPSModel", pairs: pd.DataFrame, root, conditions: list, batch_size: int = 64) -> dict:
+    "{condition: (s_w, s_l)} of every pair scored under each condition, the images read once."
+    images = PairImages(model.backbone, root)
+    return {c: pair_scores(model, pairs, root, condition=c, batch_size=batch_size, images=images) for c in conditions}
+
+
+def _confusion(pairs: pd.DataFrame, by: dict) -> pd.DataFrame:
+    dims = list(by)
+    table = {c: accuracy_table(pairs, *by[c])["accuracy"].reindex(dims) for c in dims}
+    return pd.DataFrame(table).rename_axis(index="pair dimension", columns="scored under")
+
+
 def confusion_table(model: "MPSModel", pairs: pd.DataFrame, root, dimensions: list = None, batch_size: int = 64) -> pd.DataFrame:
     """Accuracy of the pairs of each dimension (rows) scored under each condition (columns): the diagonal is the usual
     accuracy; off the diagonal, how much a dimension's preferences follow from another condition's score."""
     dims = dimensions or [d for d in model.dimensions if d in set(pairs["dimension"])]
-    images, table = PairImages(model.backbone, root), {}
-    for c in dims:
-        sw, sl = pair_scores(model, pairs, root, condition=c, batch_size=batch_size, images=images)
-        acc = accuracy_table(pairs, sw, sl)["accuracy"]
-        table[c] = acc.reindex(dims)
-    return pd.DataFrame(table).rename_axis(index="pair dimension", columns="scored under")
+    return _confusion(pairs, _scores_by_condition(model, pairs, root, dims, batch_size))
 
 
 def calibration_table(pairs: pd.DataFrame, sw: torch.Tensor, sl: torch.Tensor, bins: int = 5) -> tuple:
@@ -810,11 +817,15 @@ def load_training_pairs(cfg: RewardTrainConfig) -> tuple:
 
 
 def evaluate_reward(model: "MPSModel", test: pd.DataFrame, root, batch_size: int = 64) -> dict:
-    "Accuracy per dimension, the confusion view and calibration of `model` on `test` pairs (already prepared)."
-    sw, sl = pair_scores(model, test, root, batch_size=batch_size)
+    """Accuracy per dimension, the confusion view and calibration of `model` on `test` pairs (already prepared). Every
+    pair is scored once under each condition; its own dimension's scores give the accuracy and the calibration."""
+    dims = [d for d in model.dimensions if d in set(test["dimension"])]
+    by = _scores_by_condition(model, test, root, dims, batch_size)
+    own = torch.tensor([dims.index(d) for d in test["dimension"]])
+    sw, sl = (torch.stack([by[c][k] for c in dims], 1).gather(1, own[:, None])[:, 0] for k in (0, 1))
     cal, ece = calibration_table(test, sw, sl)
-    return {"accuracy": accuracy_table(test, sw, sl), "confusion": confusion_table(model, test, root, batch_size=batch_size),
-            "calibration": cal, "ece": ece, "scores": test[["id", "dimension", "tie"]].assign(score_w=sw.numpy(), score_l=sl.numpy())}
+    return {"accuracy": accuracy_table(test, sw, sl), "confusion": _confusion(test, by), "calibration": cal, "ece": ece,
+            "scores": test[["id", "dimension", "tie"]].assign(score_w=sw.numpy(), score_l=sl.numpy())}
 
 
 def reward_ablations(cfg: RewardTrainConfig, train: pd.DataFrame, test: pd.DataFrame, variants: dict = None, base: pd.Series = None,
