@@ -28,28 +28,11 @@ test: sync-check nbtest pytest
 bench-sandbox: install
 	$(BIN)/python -c "from instructengine.sandbox_generator import benchmark_generation; print(benchmark_generation(64, repeats=3))"
 
-# the main job: the sandbox pipeline as far as it goes today, into runs/sandbox/ (executed notebooks, instructions, images,
-# annotations, pairs and quads, eval/, metrics)
-RUN ?= runs/sandbox
+# the main job: the whole sandbox pipeline through the batch runner (configs/sandbox.yaml) into runs/sandbox/: the executed
+# notebooks, instructions, images, annotations, pairs and quads, the reward model, the LoRA, eval/, metrics.json and report.md,
+# which it prints (the ShapesBench table before and after alignment at its end). A rerun skips the stages that finished.
 sandbox: install
-	mkdir -p $(RUN)/notebooks
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/02_taxonomy.ipynb $(RUN)/notebooks/02_taxonomy.ipynb --cwd nbs -p run_dir ../$(RUN)
-	@echo; echo "Contrast instruction pairs (sandbox taxonomy, ShapesWorld writer):"
-	@$(BIN)/python -c "import json; print(json.dumps(json.load(open('$(RUN)/metrics.json'))['taxonomy']))"
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/03_generate.ipynb $(RUN)/notebooks/03_generate.ipynb --cwd nbs -p run_dir ../$(RUN) -p limit 0
-	@echo; echo "Images for both sides of every pair (sandbox generator, 2 per side):"
-	@$(BIN)/python -c "import json; print(json.dumps(json.load(open('$(RUN)/metrics.json'))['generate']))"
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/04_annotate.ipynb $(RUN)/notebooks/04_annotate.ipynb --cwd nbs -p run_dir ../$(RUN) -p limit 0
-	@echo; echo "Annotation (oracle + sandbox CLIP judges, human-defined rules): quads and preference pairs:"
-	@$(BIN)/python tools/print_annotate.py $(RUN)
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/05_reward.ipynb $(RUN)/notebooks/05_reward.ipynb --cwd nbs -p run_dir ../$(RUN) -p max_steps 500
-	@echo; echo "MPS reward model on the oracle's four aspects, held-out contrast pairs (accuracy, decided pairs):"
-	@$(BIN)/python -c "import json; m = json.load(open('$(RUN)/reward/metrics.json')); print(json.dumps({k: round(v, 3) for k, v in m['accuracy'].items()}), '| pairs', json.dumps(m['decided_test_pairs']))"
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/06_attention.ipynb $(RUN)/notebooks/06_attention.ipynb --cwd nbs -p run_dir ../$(RUN)
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/01b_sandbox_generator.ipynb $(RUN)/notebooks/01b_sandbox_generator.ipynb \
-		--cwd nbs -p run_dir ../$(RUN) -p per_prompt 4
-	@echo; echo "ShapesBench, base sandbox generator, 4 images per prompt (exact match, 95% bootstrap interval):"
-	@$(BIN)/python -c "import pandas as pd; print(pd.read_csv('$(RUN)/eval/shapesbench-base.csv', index_col=0).round(3).to_string())"
+	$(BIN)/instructengine batch sandbox
 
 # the reward model's sandbox study: a second run with 6 images per side of every pair (oracle-annotated), then MPS and its
 # ablations (no condition mask, no cross-attention, one model per dimension) trained with one recipe, about 25 min on 2 CPU cores
@@ -66,27 +49,18 @@ reward-study: install
 	@$(BIN)/python -c "import json, pandas as pd; m = json.load(open('$(STUDY)/reward/metrics.json')); \
 		print(pd.DataFrame(m['ablations']).round(3).to_string())"
 
-# cross-validation DPO's sandbox study: a data run with 10 instruction pairs a subtopic and 4 images a side, every image
-# pair that passes the oracle's follows_own rule a quad, then cross-validation, plain Diffusion-DPO (image side), the text
-# side and SFT on the winners, each for 3 seeds at an equal image budget, scored on ShapesBench (about 50 min on 2 CPU cores)
-DPOSTUDY ?= runs/dpo-study
+# cross-validation DPO's sandbox study (configs/sandbox-ablation.yaml): a data run with 10 instruction pairs a subtopic and
+# 4 images a side, every image pair that passes the oracle's follows_own rule a quad, then cross-validation, plain
+# Diffusion-DPO (image side), the text side and SFT on the winners, each for 3 seeds at an equal image budget, scored on
+# ShapesBench; runs/sandbox-ablation/report.md holds the table (about 45 min on 2 CPU cores)
 dpo-study: install
-	mkdir -p $(DPOSTUDY)/notebooks
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/02_taxonomy.ipynb $(DPOSTUDY)/notebooks/02_taxonomy.ipynb --cwd nbs -p run_dir ../$(DPOSTUDY) \
-		-p pairs_per_subtopic 10
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/03_generate.ipynb $(DPOSTUDY)/notebooks/03_generate.ipynb --cwd nbs -p run_dir ../$(DPOSTUDY) \
-		-p limit 0 -p images_per_instruction 4
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/04_annotate.ipynb $(DPOSTUDY)/notebooks/04_annotate.ipynb --cwd nbs -p run_dir ../$(DPOSTUDY) \
-		-p limit 0 -p pairing all -y '{judges: [{kind: oracle}], rules: [{rule: follows_own, judge: oracle}]}'
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/07_dpo.ipynb $(DPOSTUDY)/notebooks/07_dpo.ipynb --cwd nbs -p run_dir ../$(DPOSTUDY) \
-		-p max_steps 150 -p eval_per_prompt 2 -p eval_limit 0 -p study cv,dpo,text,sft
-	@$(BIN)/python -c "import pandas as pd; print(pd.read_csv('$(DPOSTUDY)/dpo/study.csv', header=[0, 1], index_col=0).round(3).to_string())"
+	$(BIN)/instructengine batch sandbox-ablation
 
 # the package and the notebooks must be in sync: exporting and cleaning must not change the tree
 sync-check: install
 	tools/sync_check.sh $(BIN)
 
-# The stage notebooks (02_taxonomy onwards) feed one another through ../runs/sandbox, so they run one at a time, in
+# The stage notebooks (02_taxonomy onwards) feed one another through ../runs/smoke, so they run one at a time, in
 # order; the others run in parallel beside them.
 nbtest: install
 	@$(BIN)/nbdev_test --skip_file_re '^(_|\.|0[2-9])' & other=$$!; \

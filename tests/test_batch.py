@@ -1,0 +1,110 @@
+"The batch runner through its command: real stage notebooks executed by papermill, a killed batch resumed, a sweep and its report."
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from instructengine.batch import STAGES, BatchConfig, app, config_fields, stage_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "from instructengine.batch import main; main()"]
+
+
+def cli(*args, cwd=None, timeout=1800):
+    return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+
+
+def test_help_lists_every_stage_parameter():
+    r = CliRunner().invoke(app, ["run", "--help"], prog_name="instructengine")
+    assert r.exit_code == 0
+    for stage in STAGES: assert f"  {stage} " in r.output
+    for stage in STAGES:
+        r = CliRunner().invoke(app, ["run", stage, "--help"], prog_name="instructengine")
+        assert r.exit_code == 0, stage
+        for p in [*stage_parameters(stage), *(config_fields(stage) if "config" in stage_parameters(stage) else [])]:
+            assert p in ("run_dir", "config") or f"  {p} (" in r.output, (stage, p)
+
+
+def test_shipped_configs_are_valid():
+    for p in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = BatchConfig.find(p.stem)
+        assert cfg.name == p.stem and cfg.stages, p
+        from instructengine.batch import check_params
+        for s, params in cfg.stages.items(): check_params(s, params or {})
+
+
+def test_bad_input_is_refused_before_anything_runs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: {taxonomy: {pairs_per_subtopc: 1}}\n")
+    r = cli("batch", str(bad), "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "did you mean 'pairs_per_subtopic'" in r.stderr
+    r = cli("batch", "no-such-config")
+    assert r.returncode == 2 and "sandbox-smoke" in r.stderr
+    r = cli("batch", "sandbox-smoke", "--set", "dpo.max_step=3", "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "did you mean 'max_steps'" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_stage_is_recorded_and_reported(tmp_path):
+    cfg = tmp_path / "fail.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "fail", "stages": {"taxonomy": {"taxonomy": "no-such-taxonomy.yaml"}, "generate": {"limit": 2}}}))
+    r = cli("batch", str(cfg), "--runs", str(tmp_path))
+    assert r.returncode == 1
+    rec = json.loads((tmp_path / "fail" / ".stages" / "taxonomy.failed.json").read_text())
+    assert "no-such-taxonomy.yaml" in rec["error"], rec
+    assert "taxonomy: FAILED" in r.stderr and "generate: running" not in r.stderr   # what depends on it does not run
+    assert "| . | FAILED |" in (tmp_path / "fail" / "report.md").read_text()
+
+
+def test_sweep_and_report(tmp_path):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "sw", "stages": {"taxonomy": {"pairs_per_subtopic": 1}},
+                                   "sweep": {"grid": {"taxonomy.seed": [0, 1]}}, "report": ["taxonomy.kept", "taxonomy.records"]}))
+    r = cli("batch", str(cfg), "--runs", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = tmp_path / "sw"
+    for seed in (0, 1):
+        v = root / "variants" / f"seed-{seed}"
+        assert (v / "notebooks" / "02_taxonomy.ipynb").is_file() and (v / "instructions.jsonl").is_file()
+        assert yaml.safe_load((v / "config.yaml").read_text())["taxonomy"]["seed"] == seed
+    report = (root / "report.md").read_text()
+    assert "mean ± std over seeds" in report and "| all |" in report and "report/taxonomy.kept.png" in report
+    assert (root / "report" / "taxonomy.kept.png").is_file()
+    again = cli("batch", str(cfg), "--runs", str(tmp_path))
+    assert again.returncode == 0 and again.stderr.count("skipped, finished before") == 2 and "running" not in again.stderr
+
+
+@pytest.mark.slow
+def test_sandbox_smoke_killed_mid_stage_resumes(tmp_path):
+    """The CI config through the command: killed while the generation stage runs, then run again. Finished stages are skipped,
+    the killed one resumes from its records, every stage completes, and no image is made twice."""
+    args = CLI + ["batch", "sandbox-smoke", "--runs", str(tmp_path)]
+    root = tmp_path / "sandbox-smoke"
+    log = open(tmp_path / "first.log", "w")
+    p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not any((root / "images").glob("*/*.png")):   # the generation stage has stored its first batch
+            assert p.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() - t0 < 600, "the generation stage did not start writing images"
+            time.sleep(0.2)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL); p.wait(); log.close()
+    assert (root / ".stages" / "taxonomy.json").is_file() and not (root / ".stages" / "generate.json").is_file()
+    r = cli("batch", "sandbox-smoke", "--runs", str(tmp_path))
+    print(r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "taxonomy: skipped, finished before" in r.stderr and "generate: running" in r.stderr
+    for s in BatchConfig.find("sandbox-smoke").ordered:
+        assert (root / ".stages" / f"{s}.json").is_file() and (root / "notebooks" / STAGES[s]).is_file(), s
+    ids = [json.loads(line)["id"] for line in (root / "images.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 6 * 2 * 2   # 6 pairs x 2 sides x 2 images, none twice
+    assert "before and after alignment" in r.stdout
