@@ -39,7 +39,7 @@ def main():
     "The `instructengine` console script."
     app(prog_name="instructengine")
 
-# %% ../nbs/09_batch.ipynb #00dc8608
+# %% ../nbs/09_batch.ipynb #68749910
 STAGES = {  # stage -> its notebook, in pipeline order
     "base_bench": "01b_sandbox_generator.ipynb", "taxonomy": "02_taxonomy.ipynb", "generate": "03_generate.ipynb",
     "annotate": "04_annotate.ipynb", "reward": "05_reward.ipynb", "attention": "06_attention.ipynb", "dpo": "07_dpo.ipynb",
@@ -74,7 +74,7 @@ def stage_parameters(stage: str) -> dict:
     return {k: {"type": v["inferred_type_name"], "default": v["default"], "help": v["help"]}
             for k, v in papermill.inspect_notebook(str(nb)).items()}
 
-# %% ../nbs/09_batch.ipynb #843855e5
+# %% ../nbs/09_batch.ipynb #db176819
 def parse_params(items: list) -> dict:
     "`['k=v', ...]` from the command line into {k: v}; each value is read as YAML, so numbers, booleans and lists keep their type."
     out = {}
@@ -127,7 +127,7 @@ def check_params(stage: str, params: dict) -> dict:
         out["config"] = extra
     return out
 
-# %% ../nbs/09_batch.ipynb #c418afe7
+# %% ../nbs/09_batch.ipynb #daac0922
 def _signature(stage: str, params: dict, upstream: str = "") -> str:
     return hashlib.sha256(json.dumps([stage, to_jsonable(params), upstream], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -174,7 +174,7 @@ def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", forc
     log(f"{stage}: done in {rec['seconds']} s")
     return rec
 
-# %% ../nbs/09_batch.ipynb #99fbdd47
+# %% ../nbs/09_batch.ipynb #ea39ef46
 @dataclass
 class BatchConfig(Config):
     "A batch: stages with their notebook parameters, optionally swept over a grid, into `<runs>/<name>/`."
@@ -226,7 +226,7 @@ class BatchConfig(Config):
         cfg = cls.load(p)
         return cfg if cfg.name else cfg.with_overrides(name=p.stem)
 
-# %% ../nbs/09_batch.ipynb #4b7d478b
+# %% ../nbs/09_batch.ipynb #a0a29d05
 def _slug(v) -> str: return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(v)).strip("-") or "x"
 
 
@@ -263,7 +263,7 @@ def prepare_variant(shared, folder, swept: list) -> Path:
         if stage not in swept and stage not in run.read_config(): run.write_config(stage, c)
     return folder
 
-# %% ../nbs/09_batch.ipynb #60facdf4
+# %% ../nbs/09_batch.ipynb #590a435d
 def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     """Run a batch: the stages before the sweep once into `<runs>/<name>/`, then every variant of the sweep into
     `<runs>/<name>/variants/<variant>/`; finished stages are skipped; a failed stage stops its run (what follows depends on
@@ -294,7 +294,7 @@ def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     log(f"[{cfg.name}] report: {path}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return {"runs": results, "failed": failed, "report": str(path)}
 
-# %% ../nbs/09_batch.ipynb #99f73f9a
+# %% ../nbs/09_batch.ipynb #23b3fa67
 def _get(d, path: str):
     for k in path.split("."):
         if not isinstance(d, dict) or k not in d: return None
@@ -414,10 +414,11 @@ def write_report(root) -> Path:
         rel = "" if name == "." else f"variants/{name}/"
         tab = pd.read_csv(ev, index_col=0)
         parts += [f"## Evaluation{'' if name == '.' else f' ({name})'}: before and after alignment", "", md_table(tab), ""]
-        parts += [f"![{p.stem}]({rel}eval/{p.name})" for p in sorted((folder / "eval").glob("evaluate*.png"))] + [""]
+        pngs = sorted((folder / "eval").glob("evaluate*.png")) + sorted((folder / "eval").glob("grid.png"))
+        parts += [f"![{p.stem}]({rel}eval/{p.name})" for p in pngs] + [""]
     return atomic_write_text(root / "report.md", re.sub(r"\n{3,}", "\n\n", "\n".join(parts)).strip() + "\n")
 
-# %% ../nbs/09_batch.ipynb #5b3de2cf
+# %% ../nbs/09_batch.ipynb #5bd0a7ac
 run_app = typer.Typer(help="Run one stage's notebook with papermill into a run folder; a stage that finished with the same "
                            "parameters is skipped.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(run_app, name="run")
