@@ -39,7 +39,7 @@ def main():
     "The `instructengine` console script."
     app(prog_name="instructengine")
 
-# %% ../nbs/09_batch.ipynb #68749910
+# %% ../nbs/09_batch.ipynb #299af987
 STAGES = {  # stage -> its notebook, in pipeline order
     "base_bench": "01b_sandbox_generator.ipynb", "taxonomy": "02_taxonomy.ipynb", "generate": "03_generate.ipynb",
     "annotate": "04_annotate.ipynb", "reward": "05_reward.ipynb", "attention": "06_attention.ipynb", "dpo": "07_dpo.ipynb",
@@ -48,7 +48,7 @@ STAGE_OUTPUTS = {  # what each stage writes into a run folder, besides config.ya
     "base_bench": ("eval",), "taxonomy": ("instructions.jsonl", "instructions.raw.jsonl", "instructions.png"),
     "generate": ("images", "images.jsonl"),
     "annotate": ("annotations.jsonl", "pairs.parquet", "quads.parquet", "rejected.parquet", "agreement.csv"),
-    "reward": ("reward",), "attention": ("attention",), "dpo": ("dpo",), "evaluate": ("eval",)}
+    "reward": ("reward",), "attention": ("attention",), "dpo": ("dpo", "eval"), "evaluate": ("eval",)}   # dpo scores ShapesBench into eval/
 RUNNER_FILES = ("config.yaml", "metrics.json", "notebooks", ".stages", "variants", "report.md", "report", "batch.yaml")
 
 
@@ -74,7 +74,7 @@ def stage_parameters(stage: str) -> dict:
     return {k: {"type": v["inferred_type_name"], "default": v["default"], "help": v["help"]}
             for k, v in papermill.inspect_notebook(str(nb)).items()}
 
-# %% ../nbs/09_batch.ipynb #db176819
+# %% ../nbs/09_batch.ipynb #f45f72cb
 def parse_params(items: list) -> dict:
     "`['k=v', ...]` from the command line into {k: v}; each value is read as YAML, so numbers, booleans and lists keep their type."
     out = {}
@@ -127,7 +127,7 @@ def check_params(stage: str, params: dict) -> dict:
         out["config"] = extra
     return out
 
-# %% ../nbs/09_batch.ipynb #daac0922
+# %% ../nbs/09_batch.ipynb #dd84726f
 def _signature(stage: str, params: dict, upstream: str = "") -> str:
     return hashlib.sha256(json.dumps([stage, to_jsonable(params), upstream], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -174,7 +174,7 @@ def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", forc
     log(f"{stage}: done in {rec['seconds']} s")
     return rec
 
-# %% ../nbs/09_batch.ipynb #ea39ef46
+# %% ../nbs/09_batch.ipynb #249a67fb
 @dataclass
 class BatchConfig(Config):
     "A batch: stages with their notebook parameters, optionally swept over a grid, into `<runs>/<name>/`."
@@ -226,7 +226,7 @@ class BatchConfig(Config):
         cfg = cls.load(p)
         return cfg if cfg.name else cfg.with_overrides(name=p.stem)
 
-# %% ../nbs/09_batch.ipynb #a0a29d05
+# %% ../nbs/09_batch.ipynb #fc7cb3cf
 def _slug(v) -> str: return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(v)).strip("-") or "x"
 
 
@@ -263,7 +263,7 @@ def prepare_variant(shared, folder, swept: list) -> Path:
         if stage not in swept and stage not in run.read_config(): run.write_config(stage, c)
     return folder
 
-# %% ../nbs/09_batch.ipynb #590a435d
+# %% ../nbs/09_batch.ipynb #5657ee88
 def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     """Run a batch: the stages before the sweep once into `<runs>/<name>/`, then every variant of the sweep into
     `<runs>/<name>/variants/<variant>/`; finished stages are skipped; a failed stage stops its run (what follows depends on
@@ -294,7 +294,7 @@ def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     log(f"[{cfg.name}] report: {path}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return {"runs": results, "failed": failed, "report": str(path)}
 
-# %% ../nbs/09_batch.ipynb #23b3fa67
+# %% ../nbs/09_batch.ipynb #af4aa947
 def _get(d, path: str):
     for k in path.split("."):
         if not isinstance(d, dict) or k not in d: return None
@@ -395,7 +395,8 @@ def write_report(root) -> Path:
         st = sweep_table(root, cfg.report)
         if len(st):
             (root / "report").mkdir(exist_ok=True)
-            show = pd.DataFrame({p: [f"{m:.4g} ± {s:.2g}" if not np.isnan(s) else f"{m:.4g}" for m, s in zip(st[("mean", p)], st[("std", p)], strict=True)]
+            fmt = lambda m, s: "n/a" if np.isnan(m) else f"{m:.4g}" if np.isnan(s) else f"{m:.4g} ± {s:.2g}"
+            show = pd.DataFrame({p: [fmt(m, s) for m, s in zip(st[("mean", p)], st[("std", p)], strict=True)]
                                  for p in cfg.report}, index=[" / ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in st.index])
             show["seeds"] = st[("n", cfg.report[0])].astype(int).to_numpy()
             show.index.name = ", ".join(st.index.names)
@@ -418,7 +419,7 @@ def write_report(root) -> Path:
         parts += [f"![{p.stem}]({rel}eval/{p.name})" for p in pngs] + [""]
     return atomic_write_text(root / "report.md", re.sub(r"\n{3,}", "\n\n", "\n".join(parts)).strip() + "\n")
 
-# %% ../nbs/09_batch.ipynb #5bd0a7ac
+# %% ../nbs/09_batch.ipynb #edbbd753
 run_app = typer.Typer(help="Run one stage's notebook with papermill into a run folder; a stage that finished with the same "
                            "parameters is skipped.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(run_app, name="run")
