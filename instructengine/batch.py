@@ -39,7 +39,7 @@ def main():
     "The `instructengine` console script."
     app(prog_name="instructengine")
 
-# %% ../nbs/09_batch.ipynb #299af987
+# %% ../nbs/09_batch.ipynb #ad642d77
 STAGES = {  # stage -> its notebook, in pipeline order
     "base_bench": "01b_sandbox_generator.ipynb", "taxonomy": "02_taxonomy.ipynb", "generate": "03_generate.ipynb",
     "annotate": "04_annotate.ipynb", "reward": "05_reward.ipynb", "attention": "06_attention.ipynb", "dpo": "07_dpo.ipynb",
@@ -74,7 +74,7 @@ def stage_parameters(stage: str) -> dict:
     return {k: {"type": v["inferred_type_name"], "default": v["default"], "help": v["help"]}
             for k, v in papermill.inspect_notebook(str(nb)).items()}
 
-# %% ../nbs/09_batch.ipynb #f45f72cb
+# %% ../nbs/09_batch.ipynb #2ec13e50
 def parse_params(items: list) -> dict:
     "`['k=v', ...]` from the command line into {k: v}; each value is read as YAML, so numbers, booleans and lists keep their type."
     out = {}
@@ -127,7 +127,7 @@ def check_params(stage: str, params: dict) -> dict:
         out["config"] = extra
     return out
 
-# %% ../nbs/09_batch.ipynb #dd84726f
+# %% ../nbs/09_batch.ipynb #54469ce7
 def _signature(stage: str, params: dict, upstream: str = "") -> str:
     return hashlib.sha256(json.dumps([stage, to_jsonable(params), upstream], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -174,7 +174,7 @@ def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", forc
     log(f"{stage}: done in {rec['seconds']} s")
     return rec
 
-# %% ../nbs/09_batch.ipynb #249a67fb
+# %% ../nbs/09_batch.ipynb #c0b83494
 @dataclass
 class BatchConfig(Config):
     "A batch: stages with their notebook parameters, optionally swept over a grid, into `<runs>/<name>/`."
@@ -226,7 +226,7 @@ class BatchConfig(Config):
         cfg = cls.load(p)
         return cfg if cfg.name else cfg.with_overrides(name=p.stem)
 
-# %% ../nbs/09_batch.ipynb #fc7cb3cf
+# %% ../nbs/09_batch.ipynb #d263d1b1
 def _slug(v) -> str: return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(v)).strip("-") or "x"
 
 
@@ -263,7 +263,7 @@ def prepare_variant(shared, folder, swept: list) -> Path:
         if stage not in swept and stage not in run.read_config(): run.write_config(stage, c)
     return folder
 
-# %% ../nbs/09_batch.ipynb #5657ee88
+# %% ../nbs/09_batch.ipynb #bdcd2c2a
 def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     """Run a batch: the stages before the sweep once into `<runs>/<name>/`, then every variant of the sweep into
     `<runs>/<name>/variants/<variant>/`; finished stages are skipped; a failed stage stops its run (what follows depends on
@@ -294,7 +294,7 @@ def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     log(f"[{cfg.name}] report: {path}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return {"runs": results, "failed": failed, "report": str(path)}
 
-# %% ../nbs/09_batch.ipynb #af4aa947
+# %% ../nbs/09_batch.ipynb #5e24a829
 def _get(d, path: str):
     for k in path.split("."):
         if not isinstance(d, dict) or k not in d: return None
@@ -306,9 +306,9 @@ def metric(folder, path: str):
     "A dotted path into a run folder's metrics.json, else into the metrics.json of the stage folder its first part names (dpo/)."
     run = RunDir(folder, create=False)
     v = _get(run.read_metrics(), path)
-    if v is None and "." in path and (run.root / path.split(".")[0]).is_dir():
-        head, rest = path.split(".", 1)
-        v = _get(run.read_metrics(head), rest)
+    head, _, rest = path.partition(".")
+    if v is None and (run.root / head / "metrics.json").is_file():
+        v = _get(run.read_metrics(head), rest) if rest else run.read_metrics(head)
     return v
 
 
@@ -368,8 +368,7 @@ def stage_figures(folder, stages=STAGES) -> list:
     "One Markdown line per stage with the scalar figures of its metrics (nested one level: `a.b`), from `metric`."
     out = []
     for s in stages:
-        m = metric(folder, s) if (Path(folder) / "metrics.json").is_file() else None
-        m = m if m is not None else RunDir(folder, create=False).read_metrics(s) if (Path(folder) / s).is_dir() else None
+        m = metric(folder, s)
         if not isinstance(m, dict): continue
         flat = {}
         for k, v in m.items():
@@ -419,7 +418,7 @@ def write_report(root) -> Path:
         parts += [f"![{p.stem}]({rel}eval/{p.name})" for p in pngs] + [""]
     return atomic_write_text(root / "report.md", re.sub(r"\n{3,}", "\n\n", "\n".join(parts)).strip() + "\n")
 
-# %% ../nbs/09_batch.ipynb #edbbd753
+# %% ../nbs/09_batch.ipynb #4b3e186d
 run_app = typer.Typer(help="Run one stage's notebook with papermill into a run folder; a stage that finished with the same "
                            "parameters is skipped.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(run_app, name="run")
@@ -487,9 +486,9 @@ def _batch_command(
     try:
         cfg = BatchConfig.find(config)
         over = {}
-        for k, v in parse_params([s.replace(".", "\0", 1) for s in set_ or []]).items():
-            stage, param = k.split("\0") if "\0" in k else ("", k)
-            if stage not in cfg.stages: raise ConfigError(f"--set {k.replace(chr(0), '.')}: expected STAGE.PARAM with STAGE one of {', '.join(cfg.stages)}")
+        for k, v in parse_params(set_).items():
+            stage, _, param = k.partition(".")
+            if stage not in cfg.stages or not param: raise ConfigError(f"--set {k}: expected STAGE.PARAM with STAGE one of {', '.join(cfg.stages)}")
             over.setdefault(stage, {})[param] = v
         stages = {s: {**(p or {}), **over.get(s, {})} for s, p in cfg.stages.items()}
         cfg = cfg.with_overrides(stages=stages, **({"name": name} if name else {}), **({"runs": str(runs)} if runs else {}))
