@@ -39,7 +39,7 @@ def main():
     "The `instructengine` console script."
     app(prog_name="instructengine")
 
-# %% ../nbs/09_batch.ipynb #ad642d77
+# %% ../nbs/09_batch.ipynb #e177458f
 STAGES = {  # stage -> its notebook, in pipeline order
     "base_bench": "01b_sandbox_generator.ipynb", "taxonomy": "02_taxonomy.ipynb", "generate": "03_generate.ipynb",
     "annotate": "04_annotate.ipynb", "reward": "05_reward.ipynb", "attention": "06_attention.ipynb", "dpo": "07_dpo.ipynb",
@@ -74,7 +74,7 @@ def stage_parameters(stage: str) -> dict:
     return {k: {"type": v["inferred_type_name"], "default": v["default"], "help": v["help"]}
             for k, v in papermill.inspect_notebook(str(nb)).items()}
 
-# %% ../nbs/09_batch.ipynb #2ec13e50
+# %% ../nbs/09_batch.ipynb #617dd608
 def parse_params(items: list) -> dict:
     "`['k=v', ...]` from the command line into {k: v}; each value is read as YAML, so numbers, booleans and lists keep their type."
     out = {}
@@ -127,7 +127,7 @@ def check_params(stage: str, params: dict) -> dict:
         out["config"] = extra
     return out
 
-# %% ../nbs/09_batch.ipynb #54469ce7
+# %% ../nbs/09_batch.ipynb #966ef1fb
 def _signature(stage: str, params: dict, upstream: str = "") -> str:
     return hashlib.sha256(json.dumps([stage, to_jsonable(params), upstream], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -174,7 +174,7 @@ def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", forc
     log(f"{stage}: done in {rec['seconds']} s")
     return rec
 
-# %% ../nbs/09_batch.ipynb #c0b83494
+# %% ../nbs/09_batch.ipynb #a3c91935
 @dataclass
 class BatchConfig(Config):
     "A batch: stages with their notebook parameters, optionally swept over a grid, into `<runs>/<name>/`."
@@ -226,7 +226,7 @@ class BatchConfig(Config):
         cfg = cls.load(p)
         return cfg if cfg.name else cfg.with_overrides(name=p.stem)
 
-# %% ../nbs/09_batch.ipynb #d263d1b1
+# %% ../nbs/09_batch.ipynb #371b707b
 def _slug(v) -> str: return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(v)).strip("-") or "x"
 
 
@@ -263,7 +263,17 @@ def prepare_variant(shared, folder, swept: list) -> Path:
         if stage not in swept and stage not in run.read_config(): run.write_config(stage, c)
     return folder
 
-# %% ../nbs/09_batch.ipynb #bdcd2c2a
+# %% ../nbs/09_batch.ipynb #78db49d1
+def _run_chain(stages: list, folder, params: dict, upstream: str, force: bool, log) -> list:
+    "Run `stages` in order in one run folder, each signed after the one before; stop at the first failure."
+    out = []
+    for stage in stages:
+        r = run_stage(stage, folder, params.get(stage) or {}, upstream, force, log=log)
+        out.append(r); upstream = r["signature"]
+        if r["status"] == "failed": break
+    return out
+
+
 def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     """Run a batch: the stages before the sweep once into `<runs>/<name>/`, then every variant of the sweep into
     `<runs>/<name>/variants/<variant>/`; finished stages are skipped; a failed stage stops its run (what follows depends on
@@ -274,27 +284,19 @@ def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     order = cfg.ordered
     first = order.index(cfg.sweep_from) if cfg.sweep else len(order)
     shared, swept = order[:first], order[first:]
-    results, upstream, ok = {".": []}, "", True
-    for stage in shared:
-        r = run_stage(stage, root, cfg.stages[stage] or {}, upstream, force, log=lambda m: log(f"[{cfg.name}] {m}"))
-        results["."].append(r); upstream = r["signature"]
-        if r["status"] == "failed": ok = False; break
-    if ok and swept:
+    results = {".": _run_chain(shared, root, cfg.stages, "", force, lambda m: log(f"[{cfg.name}] {m}"))}
+    last = results["."][-1] if results["."] else {"status": "done", "signature": ""}
+    if swept and last["status"] != "failed":
         for name, over in expand_sweep(cfg):
             folder = prepare_variant(root, root / "variants" / name, swept)
-            up, rs = upstream, []
-            for stage in swept:
-                r = run_stage(stage, folder, {**(cfg.stages[stage] or {}), **over.get(stage, {})}, up, force,
-                              log=lambda m, name=name: log(f"[{cfg.name}/{name}] {m}"))
-                rs.append(r); up = r["signature"]
-                if r["status"] == "failed": break
-            results[name] = rs
+            params = {s: {**(cfg.stages[s] or {}), **over.get(s, {})} for s in swept}
+            results[name] = _run_chain(swept, folder, params, last["signature"], force, lambda m, name=name: log(f"[{cfg.name}/{name}] {m}"))
     failed = [f"{n}:{r['stage']}" for n, rs in results.items() for r in rs if r["status"] == "failed"]
     path = write_report(root)
     log(f"[{cfg.name}] report: {path}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return {"runs": results, "failed": failed, "report": str(path)}
 
-# %% ../nbs/09_batch.ipynb #5e24a829
+# %% ../nbs/09_batch.ipynb #a6671d22
 def _get(d, path: str):
     for k in path.split("."):
         if not isinstance(d, dict) or k not in d: return None
@@ -418,7 +420,7 @@ def write_report(root) -> Path:
         parts += [f"![{p.stem}]({rel}eval/{p.name})" for p in pngs] + [""]
     return atomic_write_text(root / "report.md", re.sub(r"\n{3,}", "\n\n", "\n".join(parts)).strip() + "\n")
 
-# %% ../nbs/09_batch.ipynb #4b3e186d
+# %% ../nbs/09_batch.ipynb #7a1910e0
 run_app = typer.Typer(help="Run one stage's notebook with papermill into a run folder; a stage that finished with the same "
                            "parameters is skipped.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(run_app, name="run")
