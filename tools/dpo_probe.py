@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("INSTRUCTENGINE_PROGRESS", "0")
 import pandas as pd, yaml
 
-from instructengine.dpo import DPOConfig, bench_subset, load_dpo_data, shapesbench_eval, train_dpo
+from instructengine.dpo import DPOConfig, _bench_table, _summary, base_table, bench_subset, load_dpo_data, train_dpo
 from instructengine.generate import GeneratorSpec, load_generator
 from instructengine.sandbox import CATEGORIES, caption, check, load_shapesbench, sample_scene
 from instructengine.sandbox_generator import generate
@@ -49,14 +49,6 @@ def make_data(out: Path, per_category: int, images: int, seed: int):
           f"{pd.DataFrame(pairs).category.value_counts().to_dict()}")
 
 
-def base_table(folder: Path) -> pd.Series:
-    "ShapesBench exact match of the base generator (200 prompts x seeds 0, 1), cached in the folder."
-    path = folder / "probe-base.csv"
-    if not path.is_file():
-        shapesbench_eval(load_generator(GeneratorSpec("sandbox", device="cpu")), bench_subset(0), 2, 0)[1].to_csv(path)
-    return pd.read_csv(path, index_col=0)["exact_match"]
-
-
 def train(folder: Path, sets: list, swap: bool):
     kw = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
     name = "-".join(f"{k}{v}" for k, v in kw.items()) + ("-swapped" if swap else "") or "defaults"
@@ -68,18 +60,17 @@ def train(folder: Path, sets: list, swap: bool):
         w, l = ("image_l", "image_w") if swap else ("image_w", "image_l")
         data = p.rename(columns={w: "image_a", l: "image_b"}).assign(instr_a=p.prompt, instr_b=p.prompt)
         base_kw = dict(run_dir=str(folder), data="pairs", method="dpo")
-    cfg = DPOConfig(**{**base_kw, "checkpoint_every": 10 ** 9, "tensorboard": False, "eval_per_prompt": 0,
+    cfg = DPOConfig(**{**base_kw, "checkpoint_every": 10 ** 9, "tensorboard": False, "eval_per_prompt": 2, "eval_seed": 0,
                        "out": str((folder / "probe" / name).resolve()), **kw})
     if quads:
         data = load_dpo_data(cfg)
         if swap: data = data.rename(columns={"image_a": "image_b", "image_b": "image_a"})
     t0 = time.time(); _, hist = train_dpo(cfg, data, log=lambda *a: None); secs = time.time() - t0
-    last = pd.DataFrame(hist).tail(max(1, len(hist) // 10)).mean(numeric_only=True)
-    before = base_table(folder)
-    after = shapesbench_eval(load_generator(GeneratorSpec("sandbox", lora=cfg.out, device="cpu")), bench_subset(0), 2, 0)[1]["exact_match"]
+    bench = bench_subset(0)   # the base table is computed once into the folder's eval/ (07_dpo's cache)
+    before, after = base_table(cfg, bench)["exact_match"], _bench_table(cfg, bench, lora=cfg.out)["exact_match"]
     gain = (100 * (after - before)).round(1)
     rec = {"name": name, "rows": len(data), "gain_points": float(gain["overall"]), "per_category": gain.drop("overall").to_dict(),
-           "implicit_accuracy": round(float(last.get("implicit_accuracy", float("nan"))), 3), "train_s": round(secs)}
+           "implicit_accuracy": _summary(hist).get("implicit_accuracy"), "train_s": round(secs)}
     with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
     print(json.dumps(rec))
 
