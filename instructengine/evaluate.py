@@ -28,7 +28,7 @@ from torch import nn
 from .core import Config, ConfigError, ImageStore, RecordLog, RecordStore, RunDir, atomic_write_bytes, atomic_write_text, pick_device, progress, to_pil
 from .generate import GeneratorSpec, load_generator
 from .sandbox import SceneError, bootstrap_ci, check, load_shapesbench, parse_caption
-from .sandbox_generator import generate
+from .sandbox_generator import generate, warn_long_prompts
 
 # %% ../nbs/08_evaluate.ipynb #6afafa00
 DRAWBENCH_HUB_ID = "Jialuo21/DrawBench"   # a copy in plain data files (columns prompts, category; split test); not reachable offline
@@ -123,10 +123,11 @@ def generate_eval_images(pipe, jobs: list, eval_dir, batch_size: int = 64, **kwa
     eval_dir = Path(eval_dir)
     store, todo = ImageStore(eval_dir / "images"), pending_images(jobs, eval_dir / "images.jsonl")
     counts = {"generated": 0, "errors": 0, "skipped": len(jobs) - len(todo)}
+    warn_long_prompts(pipe, list(dict.fromkeys(j["prompt"] for j in todo)))   # once here, not once a batch
     with RecordStore(eval_dir / "images.jsonl") as records:
         for i in progress(range(0, len(todo), batch_size), desc="eval images"):
             batch = todo[i:i + batch_size]
-            try: out = generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], batch_size=len(batch), **kwargs)
+            try: out = generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], batch_size=len(batch), warn_long=False, **kwargs)
             except Exception as e:   # out of memory, a prompt the pipeline rejects: recorded, not fatal
                 records.extend({**j, "status": "error", "error": f"{type(e).__name__}: {e}"} for j in batch)
                 counts["errors"] += len(batch); records.flush(); continue

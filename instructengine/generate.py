@@ -16,7 +16,7 @@ from diffusers import (AutoPipelineForText2Image, DiffusionPipeline, DDIMSchedul
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, pick_device, pick_dtype, progress
-from .sandbox_generator import generate, load_sandbox_generator
+from .sandbox_generator import generate, load_sandbox_generator, warn_long_prompts
 
 # %% ../nbs/03_generate.ipynb #2e7ae66d
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
@@ -75,9 +75,10 @@ def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generat
     with RecordStore(run.image_records, batch_size=64, flush_every=5.0) as store:
         todo = store.pending(jobs, status="ok")[rank::world]
         meta = {"generator": generator_name, **{k: v for k, v in kwargs.items() if v is not None}}
+        warn_long_prompts(pipe, list(dict.fromkeys(j["prompt"] for j in todo)))   # once here, not once a batch
         for i in progress(range(0, len(todo), batch_size), desc="images"):
             batch = todo[i:i + batch_size]
-            try: out = generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], batch_size=len(batch), **kwargs)
+            try: out = generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], batch_size=len(batch), warn_long=False, **kwargs)
             except Exception as e:   # a failing batch (out of memory, a bad prompt) is recorded, not fatal
                 store.extend({**j, **meta, "status": "error", "error": f"{type(e).__name__}: {e}"} for j in batch); continue
             for j, im in zip(batch, out, strict=True):

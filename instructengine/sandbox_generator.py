@@ -5,13 +5,15 @@
 # %% auto #0
 __all__ = ['VAE_CFG', 'UNET_CFG', 'SCHEDULER_CFG', 'GENERATE_DEFAULTS', 'clip_tokenizer', 'text_tower_to_hf', 'make_pipeline',
            'GeneratorTrainConfig', 'train_vae', 'encode_text', 'min_snr_weight', 'train_unet', 'sandbox_generator_path',
-           'load_sandbox_generator', 'generate', 'benchmark_generation', 'bench_images', 'BaseBenchConfig',
-           'train_generator', 'run_base_bench']
+           'load_sandbox_generator', 'long_prompts', 'warn_long_prompts', 'generate', 'benchmark_generation',
+           'bench_images', 'BaseBenchConfig', 'train_generator', 'run_base_bench']
 
 # %% ../nbs/01b_sandbox_generator.ipynb #465e23ae
 import copy
 import gzip
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from importlib import resources
@@ -209,13 +211,40 @@ def load_sandbox_generator(path=None, device: str = None, dtype=None) -> StableD
     return pipe.to(device)
 
 
-def generate(pipe, prompts: list, seeds: list, batch_size: int = 64, **kwargs) -> list:
-    "One image per (prompt, seed), each from its own seeded generator, so an image never depends on its batch."
+def long_prompts(pipe, prompts: list) -> list:
+    "The prompts longer than the pipeline's text encoder takes: the pipeline cuts them to `pipe.tokenizer.model_max_length` tokens."
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is None or not prompts: return []
+    return [p for p, ids in zip(prompts, tok(list(prompts), verbose=False).input_ids) if len(ids) > tok.model_max_length]
+
+
+def warn_long_prompts(pipe, prompts: list, stacklevel: int = 2) -> int:
+    "One warning for all the prompts `pipe` will cut (diffusers warns once per batch, which floods long runs): their number."
+    long = long_prompts(pipe, prompts)
+    if long:
+        warnings.warn(f"{len(long)} of {len(prompts)} prompts are longer than the text encoder's {pipe.tokenizer.model_max_length} "
+                      f"tokens and are cut to that length, e.g. {long[0]!r}", stacklevel=stacklevel + 1)
+    return len(long)
+
+
+class _QuietTruncation(logging.Filter):
+    "Drops diffusers' per-batch warning that a prompt was cut to the text encoder's length (`warn_long_prompts` says it once)."
+    def filter(self, record: logging.LogRecord) -> bool: return "truncated because CLIP" not in record.getMessage()
+
+
+def generate(pipe, prompts: list, seeds: list, batch_size: int = 64, warn_long: bool = True, **kwargs) -> list:
+    """One image per (prompt, seed), each from its own seeded generator, so an image never depends on its batch.
+    Prompts longer than the text encoder takes are cut, as diffusers does, with one warning (none with `warn_long=False`:
+    callers that generate batch by batch warn once for the whole job list)."""
     kw = {**GENERATE_DEFAULTS, **kwargs}
-    out = []
-    for i in progress(range(0, len(prompts), batch_size), desc="generate"):
-        gens = [torch.Generator(pipe.device).manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        out += pipe(list(prompts[i:i + batch_size]), generator=gens, **kw).images
+    if warn_long: warn_long_prompts(pipe, prompts)
+    logger, quiet, out = logging.getLogger(type(pipe).__module__), _QuietTruncation(), []
+    logger.addFilter(quiet)
+    try:
+        for i in progress(range(0, len(prompts), batch_size), desc="generate"):
+            gens = [torch.Generator(pipe.device).manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+            out += pipe(list(prompts[i:i + batch_size]), generator=gens, **kw).images
+    finally: logger.removeFilter(quiet)
     return out
 
 # %% ../nbs/01b_sandbox_generator.ipynb #cdbcbf87

@@ -166,3 +166,23 @@ def test_accelerate_two_processes_share_the_work(tmp_path):
     ids = [json.loads(line)["id"] for line in (run / "images.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 12
     assert json.loads((run / "metrics.json").read_text())["generate"]["images"] == 12
+
+
+@pytest.mark.parametrize("which", ["tiny_sd", "tiny_sdxl"])
+def test_long_prompts_are_reported_once_not_once_a_batch(which, request, tmp_path):
+    import logging
+    import warnings
+    pipe = load_generator(GeneratorSpec(model=str(request.getfixturevalue(which)), device="cpu"))
+    seen = []
+    handler = logging.Handler(); handler.emit = seen.append
+    logging.getLogger("diffusers").addHandler(handler)   # diffusers' own loggers do not propagate to the root
+    long = [{"id": f"t/s#{i}", "a": "a red apple " * 40 + str(i), "b": f"a blue apple {i}"} for i in range(3)]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            counts = generate_images(pipe, image_jobs(long, 1), RunDir(tmp_path / "run"), batch_size=1, num_inference_steps=1, height=32, width=32)
+    finally: logging.getLogger("diffusers").removeHandler(handler)
+    cut = [str(w.message) for w in caught if "longer than the text encoder" in str(w.message)]
+    assert counts == {"ok": 6}
+    assert len(cut) == 1 and cut[0].startswith("3 of 6 prompts are longer than the text encoder's 77 tokens"), cut
+    assert not [r for r in seen if "truncated" in r.getMessage()]   # six batches, and not one per-batch warning from diffusers
