@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['RUN_LAYOUT', 'ConfigError', 'load_yaml', 'dump_yaml', 'to_jsonable', 'Config', 'seed_everything', 'pick_device',
            'pick_dtype', 'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'RecordStore',
-           'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'progress_enabled', 'progress']
+           'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints', 'progress_enabled',
+           'progress']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import contextlib
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -588,6 +590,46 @@ class ImageStore:
         if verify and _SHA256.fullmatch(path.stem) and (got := image_sha256(im)) != path.stem:
             raise ImageStoreError(f"image file {path} is corrupt: its pixels hash to {got[:12]}…, its name says {path.stem[:12]}…")
         return im
+
+# %% ../nbs/00_core.ipynb #72da24d9
+class Checkpoints:
+    """The checkpoints of a training run, folders `<out>/checkpoints/step-N`, the newest `keep` kept. Each is written whole
+    or not at all and holds `state.json` (step, history, signature) beside what the trainer's `write` puts there."""
+    def __init__(self, out, keep: int = 2):
+        self.root, self.keep = Path(out) / "checkpoints", keep
+
+    def complete(self) -> list:
+        "The complete checkpoint folders, oldest first."
+        found = [p for p in self.root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / "state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def last(self) -> str:
+        "The newest complete checkpoint, or 'none' (for messages)."
+        done = self.complete()
+        return str(done[-1]) if done else "none"
+
+    def save(self, step: int, history: list, signature: dict, write) -> Path:
+        "Checkpoint `step`: `write(folder)` saves the trainer's tensors and optimizer state; `state.json` is added here."
+        d = self.root / f"step-{step}"
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+        write(tmp)
+        (tmp / "state.json").write_text(json.dumps(to_jsonable({"step": step, "history": history, "signature": signature})))
+        shutil.rmtree(d, ignore_errors=True); tmp.rename(d)
+        for old in self.complete()[:-self.keep]: shutil.rmtree(old)
+        return d
+
+    def resume(self, signature: dict, clear: bool = True, stacklevel: int = 2) -> tuple:
+        """(folder, state) of the newest checkpoint if it was made with `signature`, else (None, None). A checkpoint made
+        with other parameters is not resumed: a warning names what changed and, with `clear`, the checkpoints are removed."""
+        done = self.complete()
+        if not done: return None, None
+        state = json.loads((done[-1] / "state.json").read_text())
+        if state["signature"] == to_jsonable(signature): return done[-1], state
+        warnings.warn(f"{done[-1]} was made with other training parameters ({_changed(state['signature'], to_jsonable(signature))}); "
+                      f"starting over in {self.root.parent}", stacklevel=stacklevel + 1)
+        if clear: shutil.rmtree(self.root, ignore_errors=True)
+        return None, None
 
 # %% ../nbs/00_core.ipynb #92773792
 def progress_enabled() -> bool:

@@ -10,8 +10,9 @@ __all__ = ['COMBOS', 'TERMS', 'METHODS', 'LORA_TARGETS', 'denoise_errors', 'dpo_
            'bench_subset', 'shapesbench_eval', 'plot_bench', 'base_table', 'run_dpo', 'dpo_study']
 
 # %% ../nbs/07_dpo.ipynb #4b1fdb35
-import hashlib, json, math, shutil, time, warnings
+import hashlib, json, math, time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .core import Config, ConfigError, RunDir, atomic_write_text, progress, _changed
+from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, progress
 from .generate import GeneratorSpec, load_generator
 
 # %% ../nbs/07_dpo.ipynb #22f103ab
@@ -433,23 +434,14 @@ def _signature(cfg: DPOConfig) -> dict:
     return d
 
 
-def _checkpoints(out: Path) -> list:
-    found = [p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def _trainable_state(unet) -> dict:
     return {k: v.detach().float().cpu().contiguous() for k, v in unet.named_parameters() if v.requires_grad}
 
 
-def _save_checkpoint(unet, opt, sched, out: Path, step: int, history: list, sig: dict, keep: int):
-    d = out / "checkpoints" / f"step-{step}"; tmp = d.with_name(d.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    save_file(_trainable_state(unet), tmp / "trainable.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "signature": sig}))
-    shutil.rmtree(d, ignore_errors=True); tmp.rename(d)   # a checkpoint folder is complete or absent
-    for old in _checkpoints(out)[:-keep]: shutil.rmtree(old)
+def _write_state(unet, opt, sched, folder: Path):
+    "A checkpoint's tensors: the trainable weights as safetensors; optimizer, scheduler and RNG for `torch.load(weights_only=True)`."
+    save_file(_trainable_state(unet), folder / "trainable.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, folder / "state.pt")
 
 # %% ../nbs/07_dpo.ipynb #56cbc9c9
 def save_lora(unet, folder, kind: str = "sd") -> Path:
@@ -523,21 +515,17 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     fingerprint = "\n".join(f"{a}|{b}|{Path(x).name}|{Path(y).name}" for a, b, x, y in data[["instr_a", "instr_b", "image_a", "image_b"]].itertuples(index=False))
     step, history, sig = 0, [], _signature(cfg) | {"data": _sha(fingerprint.encode())[:16]}
-    ckpts = _checkpoints(out)
-    if ckpts:
-        last = ckpts[-1]; state = json.loads((last / "state.json").read_text())
-        if state["signature"] != sig:
-            warnings.warn(f"{last} was made with other training parameters ({_changed(state['signature'], sig)}); starting over in {out}", stacklevel=2)
-            if acc.is_main_process: shutil.rmtree(out / "checkpoints")
-        else:
-            saved = load_file(last / "trainable.safetensors")
-            named = dict(unet.named_parameters())
-            with torch.no_grad():
-                for k, v in saved.items(): named[k].copy_(v)
-            st = torch.load(last / "state.pt", weights_only=True)
-            opt.load_state_dict(st["optimizer"]); lr_sched.load_state_dict(st["scheduler"]); torch.set_rng_state(st["rng"])
-            step, history = state["step"], state["history"]
-            log(f"resuming from checkpoint {last.name} (step {step} of {cfg.max_steps})")
+    ckpts = Checkpoints(out, cfg.keep_checkpoints)
+    last, state = ckpts.resume(sig, clear=acc.is_main_process, stacklevel=2)
+    if last:
+        saved = load_file(last / "trainable.safetensors")
+        named = dict(unet.named_parameters())
+        with torch.no_grad():
+            for k, v in saved.items(): named[k].copy_(v)
+        st = torch.load(last / "state.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"]); lr_sched.load_state_dict(st["scheduler"]); torch.set_rng_state(st["rng"])
+        step, history = state["step"], state["history"]
+        log(f"resuming from checkpoint {last.name} (step {step} of {cfg.max_steps})")
     train_unet = torch.compile(unet) if cfg.compile else unet
     train_unet, opt, lr_sched = acc.prepare(train_unet, opt, lr_sched)
     if trackers: acc.init_trackers("dpo", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
@@ -565,9 +553,8 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
             acc.backward(loss / cfg.grad_accum)
             for k, v in {"loss": loss, **stats}.items(): sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         if not all(math.isfinite(v) for v in sums.values()):
-            done = _checkpoints(out)
             raise FloatingPointError(f"train_dpo: non-finite values at step {step + 1} ({ {k: v for k, v in sums.items() if not math.isfinite(v)} }); "
-                                     f"nothing of this step was applied; the last good checkpoint is {done[-1] if done else 'none (no checkpoint yet)'}")
+                                     f"nothing of this step was applied; the last good checkpoint is {ckpts.last()}")
         gnorm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(float("nan"))
         opt.step(); lr_sched.step()
         step += 1
@@ -577,7 +564,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
         bar.update(1); bar.set_postfix(loss=f"{sums['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             acc.wait_for_everyone()
-            if acc.is_main_process: _save_checkpoint(unet, opt, lr_sched, out, step, history, sig, cfg.keep_checkpoints)
+            if acc.is_main_process: ckpts.save(step, history, sig, partial(_write_state, unet, opt, lr_sched))
         if callback: callback(step, rec)
     bar.close()
     if trackers: acc.end_training()

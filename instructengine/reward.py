@@ -8,8 +8,8 @@ __all__ = ['CONDITIONS', 'SANDBOX_CONDITIONS', 'SANDBOX_NAMES', 'REWARD_FORMAT',
            'preference_loss', 'pairwise_accuracy', 'sandbox_named_tokens', 'mask_quality', 'aspect_pairs',
            'split_pairs', 'freeze_backbone', 'RewardTrainConfig', 'lr_factor', 'PairImages', 'prepare_pairs',
            'train_reward', 'tiny_clip_folder', 'save_reward', 'load_reward', 'score', 'RewardJudge', 'pair_scores',
-           'accuracy_table', 'confusion_table', 'calibration_table', 'plot_calibration', 'load_training_pairs',
-           'evaluate_reward', 'reward_ablations', 'run_reward']
+           'accuracy_table', 'accuracy_by_gap', 'confusion_table', 'calibration_table', 'plot_calibration',
+           'load_training_pairs', 'evaluate_reward', 'reward_ablations', 'run_reward']
 
 # %% ../nbs/05_reward.ipynb #681bdb03
 import hashlib
@@ -17,10 +17,9 @@ import itertools
 import json
 import math
 import re
-import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .annotate import Judge, Judgments, images_by_side, pairs_frame, read_pairs
-from .core import Config, ConfigError, RecordLog, RunDir, _changed, atomic_write_text, pick_dtype, progress, to_jsonable, to_pil
+from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, pick_dtype, progress, to_jsonable, to_pil
 from .sandbox import (ASPECTS, BACKDROP_WORDS, COLOR_WORDS, COUNT_WORDS, FINISH_WORDS, POSITION_WORDS, SHAPE_WORDS, SIZE_WORDS,
                                     _PHRASE_RE, _PHRASES)
 
@@ -496,12 +495,6 @@ def _train_signature(cfg: RewardTrainConfig) -> dict:
     return d
 
 
-def _checkpoints(out: Path) -> list:
-    "The complete checkpoints in `out`, oldest first."
-    found = [p for p in (out / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def _batch(data: pd.DataFrame, index: int, cfg: RewardTrainConfig, rank: int = 0, world: int = 1) -> pd.DataFrame:
     """Micro-batch number `index` of the whole run: epochs are permutations of the rows drawn from `seed` and the epoch
     number, so any batch can be found again after a restart. Each process takes every `world`-th row of it."""
@@ -550,18 +543,13 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
              [g | {"lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr} for g in decay(bb, cfg.weight_decay)]
     opt = torch.optim.AdamW([g for g in groups if g["params"]])
     step, history, sig = 0, [], _train_signature(cfg)
-    ckpts = _checkpoints(out)
-    if ckpts:
-        last = ckpts[-1]
-        state = json.loads((last / "state.json").read_text())
-        if state["signature"] != sig:
-            warnings.warn(f"{last} was made with other training parameters ({_changed(state['signature'], sig)}); starting over in {out}", stacklevel=3)
-            shutil.rmtree(out / "checkpoints")
-        else:
-            model.load_state_dict(load_file(last / "model.safetensors"))
-            opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
-            step, history = state["step"], state["history"]
-            log(f"resuming from checkpoint {last.name} (step {step} of {total})")
+    ckpts = Checkpoints(out, cfg.keep_checkpoints)
+    last, state = ckpts.resume(sig, clear=acc.is_main_process, stacklevel=3)
+    if last:
+        model.load_state_dict(load_file(last / "model.safetensors"))
+        opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+        step, history = state["step"], state["history"]
+        log(f"resuming from checkpoint {last.name} (step {step} of {total})")
     model, opt = acc.prepare(model, opt)
     images = PairImages(acc.unwrap_model(model).backbone, root, cfg.cache_pixels)
     model.train()
@@ -582,7 +570,7 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
             decided = label != 0.5
             right += int(((sw > sl) & decided).sum()); n += int(decided.sum())
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"train_reward: the loss is {loss_sum} at step {step}; the last good checkpoint is {(_checkpoints(out) or ['none'])[-1]}")
+            raise FloatingPointError(f"train_reward: the loss is {loss_sum} at step {step}; the last good checkpoint is {ckpts.last()}")
         gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
@@ -591,7 +579,7 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
         bar.update(1); bar.set_postfix(loss=f"{loss_sum:.4f}")
         if step % cfg.checkpoint_every == 0 or step == total:
             acc.wait_for_everyone()
-            if acc.is_main_process: _save_checkpoint(acc.unwrap_model(model), opt, out, step, history, sig, cfg.keep_checkpoints)
+            if acc.is_main_process: ckpts.save(step, history, sig, partial(_write_state, acc.unwrap_model(model), opt))
         if callback: callback(step, rec)
     bar.close()
     model = acc.unwrap_model(model).eval()
@@ -601,15 +589,10 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     return model, history
 
 
-def _save_checkpoint(model, opt, out: Path, step: int, history: list, sig: dict, keep: int):
-    d = out / "checkpoints" / f"step-{step}"
-    tmp = d.with_name(d.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "signature": sig}))
-    shutil.rmtree(d, ignore_errors=True); tmp.rename(d)   # a checkpoint folder is complete or absent
-    for old in _checkpoints(out)[:-keep]: shutil.rmtree(old)
+def _write_state(model, opt, folder: Path):
+    "A checkpoint's tensors: the weights as safetensors, the optimizer state for `torch.load(weights_only=True)`."
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    torch.save(opt.state_dict(), folder / "optimizer.pt")
 
 # %% ../nbs/05_reward.ipynb #edb79e43
 REWARD_FORMAT = "instructengine-mps-1"
@@ -755,6 +738,18 @@ def accuracy_table(pairs: pd.DataFrame, sw: torch.Tensor, sl: torch.Tensor) -> p
     return pd.DataFrame(rows).set_index("dimension")
 
 
+def accuracy_by_gap(pairs: pd.DataFrame, sw: torch.Tensor, sl: torch.Tensor) -> pd.DataFrame:
+    """Accuracy of the decided pairs per dimension and per gap between the judge's two ratings (the `scores` column of
+    `aspect_pairs`: 1 when the judge tells the images apart by one point, up to 4). A dimension the model has learned is
+    right on the wide gaps at least; a model that guesses is near 0.5 at every gap. Empty without a `scores` column."""
+    if "scores" not in pairs or not len(pairs): return pd.DataFrame(columns=["accuracy", "pairs"])
+    gap = [abs(float(np.diff(json.loads(s)[d])[0])) if isinstance(s, str) else np.nan for s, d in zip(pairs["scores"], pairs["dimension"], strict=True)]
+    df = pairs[["dimension", "tie"]].assign(gap=gap, right=(sw > sl).numpy())
+    df = df[~df["tie"] & df["gap"].notna()]
+    out = df.groupby(["dimension", "gap"])["right"].agg(accuracy="mean", pairs="size")
+    return out.set_axis(out.index.set_levels(out.index.levels[1].astype(int), level=1))
+
+
 def _scores_by_condition(model: "MPSModel", pairs: pd.DataFrame, root, conditions: list, batch_size: int = 64) -> dict:
     "{condition: (s_w, s_l)} of every pair scored under each condition, the images read once."
     images = PairImages(model.backbone, root)
@@ -817,15 +812,15 @@ def load_training_pairs(cfg: RewardTrainConfig) -> tuple:
 
 
 def evaluate_reward(model: "MPSModel", test: pd.DataFrame, root, batch_size: int = 64) -> dict:
-    """Accuracy per dimension, the confusion view and calibration of `model` on `test` pairs (already prepared). Every
-    pair is scored once under each condition; its own dimension's scores give the accuracy and the calibration."""
+    """Accuracy per dimension and per rating gap, the confusion view and calibration of `model` on `test` pairs (already
+    prepared). Every pair is scored once under each condition; its own dimension's scores give accuracy and calibration."""
     dims = [d for d in model.dimensions if d in set(test["dimension"])]
     by = _scores_by_condition(model, test, root, dims, batch_size)
     own = torch.tensor([dims.index(d) for d in test["dimension"]])
     sw, sl = (torch.stack([by[c][k] for c in dims], 1).gather(1, own[:, None])[:, 0] for k in (0, 1))
     cal, ece = calibration_table(test, sw, sl)
-    return {"accuracy": accuracy_table(test, sw, sl), "confusion": _confusion(test, by), "calibration": cal, "ece": ece,
-            "scores": test[["id", "dimension", "tie"]].assign(score_w=sw.numpy(), score_l=sl.numpy())}
+    return {"accuracy": accuracy_table(test, sw, sl), "by_gap": accuracy_by_gap(test, sw, sl), "confusion": _confusion(test, by),
+            "calibration": cal, "ece": ece, "scores": test[["id", "dimension", "tie"]].assign(score_w=sw.numpy(), score_l=sl.numpy())}
 
 
 def reward_ablations(cfg: RewardTrainConfig, train: pd.DataFrame, test: pd.DataFrame, variants: dict = None, base: pd.Series = None,
@@ -858,7 +853,8 @@ def reward_ablations(cfg: RewardTrainConfig, train: pd.DataFrame, test: pd.DataF
 
 def run_reward(cfg: RewardTrainConfig, ablations: bool = False) -> dict:
     """The stage: train on the run's pairs (held-out contrast pairs kept aside), evaluate, and write `reward/` (the
-    model, `train_log.csv`, `test_scores.parquet`, `metrics.json`, and with `ablations` the ablation table)."""
+    model, `train_log.csv`, `test_scores.parquet`, `accuracy_by_gap.csv`, `metrics.json`, and with `ablations` the
+    ablation table)."""
     run = RunDir(cfg.run_dir, create=False)
     train, test = load_training_pairs(cfg)
     run.write_config("reward", cfg)
@@ -870,8 +866,10 @@ def run_reward(cfg: RewardTrainConfig, ablations: bool = False) -> dict:
     ev = evaluate_reward(model, test, cfg.run_dir)
     out = _out_dir(cfg)
     ev["scores"].to_parquet(out / "test_scores.parquet", index=False)
+    ev["by_gap"].to_csv(out / "accuracy_by_gap.csv")
     summary = {"train_pairs": len(train), "test_pairs": len(test), "test_ties_skipped": test_ties, "steps": len(history), "final_loss": history[-1]["loss"],
                "accuracy": ev["accuracy"]["accuracy"].to_dict(), "decided_test_pairs": ev["accuracy"]["pairs"].to_dict(),
+               "accuracy_by_gap": {d: g.droplevel(0)["accuracy"].to_dict() for d, g in ev["by_gap"].groupby(level=0)},
                "confusion": ev["confusion"].to_dict(), "ece": ev["ece"], "seconds": {"train": round(t1 - t0, 1), "evaluate": round(time.time() - t1, 1)}}
     if ablations:
         table = reward_ablations(cfg, train, test, base=ev["accuracy"]["accuracy"])

@@ -215,7 +215,7 @@ def long_prompts(pipe, prompts: list) -> list:
     "The prompts longer than the pipeline's text encoder takes: the pipeline cuts them to `pipe.tokenizer.model_max_length` tokens."
     tok = getattr(pipe, "tokenizer", None)
     if tok is None or not prompts: return []
-    return [p for p, ids in zip(prompts, tok(list(prompts), verbose=False).input_ids) if len(ids) > tok.model_max_length]
+    return [p for p, ids in zip(prompts, tok(list(prompts), verbose=False).input_ids, strict=True) if len(ids) > tok.model_max_length]
 
 
 def warn_long_prompts(pipe, prompts: list, stacklevel: int = 2) -> int:

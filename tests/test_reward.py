@@ -156,7 +156,9 @@ def test_hf_backbone_reward_saves_and_loads_without_its_folder(tmp_path):
     again = load_reward(tmp_path / "saved")
     im = render(sample_scene(random.Random(1)))
     args = (model.backbone.pixels([im]), model.backbone.tokenize(["a red circle"]), model.condition_ids(["aesthetic"]))
-    with torch.no_grad(): assert torch.equal(again(*args), model(*args))
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # the same weights, bit for bit
+    with torch.no_grad(): torch.testing.assert_close(again(*args), model(*args), rtol=0, atol=1e-6)   # kernels may differ with memory layout
     with pytest.raises(FileNotFoundError, match="no config.json"): load_reward(tmp_path / "clip")
 
 
