@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import (Config, ConfigError, ImageStore, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256,
+from .core import (Config, ConfigError, ImageStore, from_hub, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256,
                                  pick_device, pick_dtype, progress, to_pil)
 from .sandbox import ASPECTS, bootstrap_ci, check, parse_caption, rate as oracle_rate, read_image
 from .taxonomy import ChatClient, ChatEndpointConfig, DiskCache, ModelUnavailable, extract_json, load_prompt_file
@@ -283,9 +283,9 @@ class TransformersJudge(VLMJudge):
         from transformers import AutoModelForImageTextToText, AutoProcessor
         super().__init__(rubric, max_parse_retries, cache_dir)
         self.device = pick_device(device or None)
-        self.processor = AutoProcessor.from_pretrained(model)
+        self.processor = from_hub(AutoProcessor.from_pretrained, model)
         self.processor.tokenizer.padding_side = "left"    # batched generation continues every row from its last token
-        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=pick_dtype(self.device, dtype or None)).to(self.device).eval()
+        self.model = from_hub(AutoModelForImageTextToText.from_pretrained, model, dtype=pick_dtype(self.device, dtype or None)).to(self.device).eval()
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.name = name or f"transformers:{model}"
 

@@ -6,13 +6,14 @@
 __all__ = ['RUN_LAYOUT', 'ConfigError', 'load_yaml', 'dump_yaml', 'to_jsonable', 'Config', 'seed_everything', 'pick_device',
            'pick_dtype', 'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'RecordStore',
            'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints', 'progress_enabled',
-           'progress']
+           'progress', 'hub_offline', 'hub_kwargs', 'from_hub']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import contextlib
 import dataclasses
 import difflib
 import enum
+import functools
 import hashlib
 import io
 import json
@@ -20,10 +21,12 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import types
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -647,3 +650,37 @@ def progress(iterable=None, *, total: int | None = None, desc: str | None = None
     "A tqdm progress bar (notebook or terminal) that is silent when `progress_enabled()` is false."
     return tqdm(iterable, total=total, desc=desc, disable=not progress_enabled() if disable is None else disable,
                 dynamic_ncols=True, **kw)
+
+# %% ../nbs/00_core.ipynb #37cf5d25
+def _truthy(name: str) -> bool: return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout): return True
+    except OSError: return False
+
+
+def hub_offline(timeout: float = 3.0) -> bool:
+    "Load hub ids from the local cache only? When `HF_HUB_OFFLINE` is set, or the hub's host cannot be reached (checked once a process)."
+    if _truthy("HF_HUB_OFFLINE"): return True
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return not _reachable(url.hostname or "", url.port or (443 if url.scheme == "https" else 80), timeout)
+
+
+def hub_kwargs(name) -> dict:
+    "Extra `from_pretrained` arguments for `name`: `local_files_only=True` for a hub id when `hub_offline()`; none for a local folder."
+    return {} if Path(str(name)).expanduser().exists() or not hub_offline() else {"local_files_only": True}
+
+
+def from_hub(load, name, **kwargs):
+    """`load(name, **kwargs)` (a `from_pretrained`), with `local_files_only=True` for a hub id when `hub_offline()`; a
+    model missing from the local cache then fails at once with a FileNotFoundError that says what to do."""
+    extra = hub_kwargs(name)
+    try: return load(name, **extra, **kwargs)
+    except (OSError, ValueError) as e:
+        if not extra: raise
+        raise FileNotFoundError(f"{name!r} is not a local folder, the Hugging Face hub cannot be reached, and loading it from the local cache "
+                                f"failed ({type(e).__name__}: {str(e)[:200]}); download it where the hub is reachable, or pass the path "
+                                "of a local copy") from None

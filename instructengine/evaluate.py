@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .core import Config, ConfigError, ImageStore, RecordLog, RecordStore, RunDir, atomic_write_bytes, atomic_write_text, pick_device, progress, to_pil
+from .core import Config, ConfigError, ImageStore, hub_offline, RecordLog, RecordStore, RunDir, atomic_write_bytes, atomic_write_text, pick_device, progress, to_pil
 from .generate import GeneratorSpec, load_generator
 from .sandbox import SceneError, bootstrap_ci, check, load_shapesbench, parse_caption
 from .sandbox_generator import generate, warn_long_prompts
@@ -50,8 +50,8 @@ def _bench_rows(df: pd.DataFrame, source: str, prefix: str) -> list:
 def _hub_table(repo_id: str) -> pd.DataFrame:
     "The first split of a hub dataset as a DataFrame (class-label columns as their names); a clear error offline."
     hint = f"pass the path of a local DrawBench CSV (columns Prompts, Category) instead of the hub id {repo_id!r}"
-    if any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        raise FileNotFoundError(f"DrawBench: {repo_id!r} is not a local file, and the Hugging Face hub is offline here; {hint}")
+    if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError(f"DrawBench: {repo_id!r} is not a local file, and the Hugging Face hub cannot be reached (or is set offline) here; {hint}")
     try:
         from datasets import load_dataset
         splits = load_dataset(repo_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusers import (AutoPipelineForText2Image, DiffusionPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
-from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, pick_device, pick_dtype, progress
+from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, from_hub, pick_device, pick_dtype, progress
 from .sandbox_generator import generate, load_sandbox_generator, warn_long_prompts
 
 # %% ../nbs/03_generate.ipynb #2e7ae66d
@@ -46,7 +46,7 @@ def load_generator(spec) -> DiffusionPipeline:
     else:
         if Path(spec.model).exists() and not (Path(spec.model) / "model_index.json").is_file():
             raise FileNotFoundError(f"generator {spec.model!r}: a folder without model_index.json (expected a diffusers pipeline folder)")
-        pipe = AutoPipelineForText2Image.from_pretrained(spec.model, dtype=dtype).to(device)
+        pipe = from_hub(AutoPipelineForText2Image.from_pretrained, spec.model, dtype=dtype).to(device)
     if spec.scheduler: pipe.scheduler = SCHEDULERS[spec.scheduler].from_config(pipe.scheduler.config)
     if spec.lora:
         if not Path(spec.lora).is_dir(): raise FileNotFoundError(f"LoRA folder {spec.lora!r} does not exist")

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from .core import Config, ConfigError, RecordLog, RecordStore, RunDir, atomic_write_text, load_yaml, dump_yaml, progress
+from .core import Config, ConfigError, RecordLog, RecordStore, RunDir, atomic_write_text, from_hub, load_yaml, dump_yaml, progress
 from . import sandbox as sw
 
 # %% ../nbs/02_taxonomy.ipynb #6878358f
@@ -651,8 +651,8 @@ class TransformersWriter(LLMWriter):
                  templates: str = "writer-v1", max_parse_retries: int = 2, cache_dir=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         super().__init__(templates, max_parse_retries, cache_dir, concurrency=1)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+        self.tokenizer = from_hub(AutoTokenizer.from_pretrained, model)
+        self.model = from_hub(AutoModelForCausalLM.from_pretrained, model).eval()
         if device: self.model.to(device)
         self.model_id, self.max_new_tokens, self.temperature = f"transformers:{model}", max_new_tokens, temperature
 

@@ -117,6 +117,26 @@ def test_hub_ids_load_from_an_offline_cache(tiny_sd, tiny_sdxl, tmp_path):
     assert out.stdout.split("\n")[:2] == ["StableDiffusionPipeline (32, 32)", "StableDiffusionXLPipeline (32, 32)"]
 
 
+def test_unreachable_hub_loads_the_cache_at_once(tiny_sd, tmp_path):
+    import socket
+    cache = tmp_path / "hub"
+    root = cache / "models--org--tiny-sd"
+    shutil.copytree(tiny_sd, root / "snapshots" / ("0" * 40))
+    (root / "refs").mkdir(); (root / "refs" / "main").write_text("0" * 40)
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]   # a port nobody listens on
+    code = ("import time\nfrom instructengine.generate import load_generator\n"
+            "t = time.time(); p = load_generator('org/tiny-sd'); print(type(p).__name__, round(time.time() - t, 1))\n"
+            "t = time.time()\ntry: load_generator('org/not-cached')\n"
+            "except FileNotFoundError as e: print('missing', round(time.time() - t, 1), e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(cache), INSTRUCTENGINE_PROGRESS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded, missing = out.stdout.strip().split("\n")[:2]
+    assert loaded.startswith("StableDiffusionPipeline") and float(loaded.split()[1]) < 15   # huggingface_hub alone retries for ~23 s
+    assert missing.startswith("missing") and float(missing.split()[1]) < 5 and "'org/not-cached' is not a local folder" in missing
+
+
 def test_failing_batch_is_recorded_and_retried(tiny_sd, tmp_path):
     pipe = load_generator(GeneratorSpec(model=str(tiny_sd), device="cpu"))
     run = RunDir(tmp_path)
