@@ -27,6 +27,7 @@ import tempfile
 import time
 import types
 import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -663,10 +664,16 @@ def _reachable(host: str, port: int, timeout: float) -> bool:
 
 
 def hub_offline(timeout: float = 3.0) -> bool:
-    "Load hub ids from the local cache only? When `HF_HUB_OFFLINE` is set, or the hub's host cannot be reached (checked once a process)."
+    """Load hub ids from the local cache only? When `HF_HUB_OFFLINE` is set, or the hub's host cannot be reached (checked
+    once a process). Behind a proxy (`HTTPS_PROXY`, ...; `NO_PROXY` honoured) the proxy is what must answer."""
     if _truthy("HF_HUB_OFFLINE"): return True
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    return not _reachable(url.hostname or "", url.port or (443 if url.scheme == "https" else 80), timeout)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = p.hostname or "", p.port or 80
+    return not _reachable(host, port, timeout)
 
 
 def hub_kwargs(name) -> dict:

@@ -128,7 +128,7 @@ def test_unreachable_hub_loads_the_cache_at_once(tiny_sd, tmp_path):
             "t = time.time(); p = load_generator('org/tiny-sd'); print(type(p).__name__, round(time.time() - t, 1))\n"
             "t = time.time()\ntry: load_generator('org/not-cached')\n"
             "except FileNotFoundError as e: print('missing', round(time.time() - t, 1), e)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") and not k.lower().endswith("_proxy")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(cache), INSTRUCTENGINE_PROGRESS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
