@@ -628,9 +628,9 @@ class Checkpoints:
         with other parameters is not resumed: a warning names what changed and, with `clear`, the checkpoints are removed."""
         done = self.complete()
         if not done: return None, None
-        state = json.loads((done[-1] / "state.json").read_text())
-        if state["signature"] == to_jsonable(signature): return done[-1], state
-        warnings.warn(f"{done[-1]} was made with other training parameters ({_changed(state['signature'], to_jsonable(signature))}); "
+        state, signature = json.loads((done[-1] / "state.json").read_text()), to_jsonable(signature)
+        if state["signature"] == signature: return done[-1], state
+        warnings.warn(f"{done[-1]} was made with other training parameters ({_changed(state['signature'], signature)}); "
                       f"starting over in {self.root.parent}", stacklevel=stacklevel + 1)
         if clear: shutil.rmtree(self.root, ignore_errors=True)
         return None, None

@@ -738,12 +738,21 @@ def accuracy_table(pairs: pd.DataFrame, sw: torch.Tensor, sl: torch.Tensor) -> p
     return pd.DataFrame(rows).set_index("dimension")
 
 
+def _rating_gap(scores, dimension: str) -> float:
+    "|w - l| of the judge's two ratings on `dimension` in a pair's `scores` JSON; NaN when it holds none."
+    try:
+        w, l = json.loads(scores)[dimension]
+        return abs(float(w) - float(l))
+    except (TypeError, ValueError, KeyError): return float("nan")
+
+
 def accuracy_by_gap(pairs: pd.DataFrame, sw: torch.Tensor, sl: torch.Tensor) -> pd.DataFrame:
     """Accuracy of the decided pairs per dimension and per gap between the judge's two ratings (the `scores` column of
     `aspect_pairs`: 1 when the judge tells the images apart by one point, up to 4). A dimension the model has learned is
-    right on the wide gaps at least; a model that guesses is near 0.5 at every gap. Empty without a `scores` column."""
+    right on the wide gaps at least; a model that guesses is near 0.5 at every gap. Pairs whose `scores` hold no rating
+    of their dimension are left out (all of them without a `scores` column)."""
     if "scores" not in pairs or not len(pairs): return pd.DataFrame(columns=["accuracy", "pairs"])
-    gap = [abs(float(np.diff(json.loads(s)[d])[0])) if isinstance(s, str) else np.nan for s, d in zip(pairs["scores"], pairs["dimension"], strict=True)]
+    gap = [_rating_gap(s, d) for s, d in zip(pairs["scores"], pairs["dimension"], strict=True)]
     df = pairs[["dimension", "tie"]].assign(gap=gap, right=(sw > sl).numpy())
     df = df[~df["tie"] & df["gap"].notna()]
     out = df.groupby(["dimension", "gap"])["right"].agg(accuracy="mean", pairs="size")
