@@ -12,7 +12,7 @@ __all__ = ['DRAWBENCH_HUB_ID', 'VARIANTS', 'LORA_FILE', 'IMAGEREWARD_MEAN', 'IMA
            'EvaluateConfig', 'score_images', 'plot_name', 'run_evaluate']
 
 # %% ../nbs/08_evaluate.ipynb #c7a14dfb
-import hashlib, inspect, io, logging, math, os, re, time
+import hashlib, inspect, io, logging, math, re, time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .core import Config, ConfigError, ImageStore, hub_offline, RecordLog, RecordStore, RunDir, atomic_write_bytes, atomic_write_text, pick_device, progress, to_pil
+from .core import Config, ConfigError, ImageStore, _truthy, hub_offline, RecordLog, RecordStore, RunDir, atomic_write_bytes, atomic_write_text, pick_device, progress, to_pil
 from .generate import GeneratorSpec, load_generator
 from .sandbox import SceneError, bootstrap_ci, check, load_shapesbench, parse_caption
 from .sandbox_generator import generate, warn_long_prompts
@@ -50,7 +50,7 @@ def _bench_rows(df: pd.DataFrame, source: str, prefix: str) -> list:
 def _hub_table(repo_id: str) -> pd.DataFrame:
     "The first split of a hub dataset as a DataFrame (class-label columns as their names); a clear error offline."
     hint = f"pass the path of a local DrawBench CSV (columns Prompts, Category) instead of the hub id {repo_id!r}"
-    if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if hub_offline() or _truthy("HF_DATASETS_OFFLINE"):
         raise FileNotFoundError(f"DrawBench: {repo_id!r} is not a local file, and the Hugging Face hub cannot be reached (or is set offline) here; {hint}")
     try:
         from datasets import load_dataset
@@ -123,7 +123,7 @@ def generate_eval_images(pipe, jobs: list, eval_dir, batch_size: int = 64, **kwa
     eval_dir = Path(eval_dir)
     store, todo = ImageStore(eval_dir / "images"), pending_images(jobs, eval_dir / "images.jsonl")
     counts = {"generated": 0, "errors": 0, "skipped": len(jobs) - len(todo)}
-    warn_long_prompts(pipe, list(dict.fromkeys(j["prompt"] for j in todo)))   # once here, not once a batch
+    warn_long_prompts(pipe, [j["prompt"] for j in todo])   # once here, not once a batch
     with RecordStore(eval_dir / "images.jsonl") as records:
         for i in progress(range(0, len(todo), batch_size), desc="eval images"):
             batch = todo[i:i + batch_size]

@@ -75,7 +75,7 @@ def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generat
     with RecordStore(run.image_records, batch_size=64, flush_every=5.0) as store:
         todo = store.pending(jobs, status="ok")[rank::world]
         meta = {"generator": generator_name, **{k: v for k, v in kwargs.items() if v is not None}}
-        warn_long_prompts(pipe, list(dict.fromkeys(j["prompt"] for j in todo)))   # once here, not once a batch
+        warn_long_prompts(pipe, [j["prompt"] for j in todo])   # once here, not once a batch
         for i in progress(range(0, len(todo), batch_size), desc="images"):
             batch = todo[i:i + batch_size]
             try: out = generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], batch_size=len(batch), warn_long=False, **kwargs)

@@ -219,7 +219,8 @@ def long_prompts(pipe, prompts: list) -> list:
 
 
 def warn_long_prompts(pipe, prompts: list, stacklevel: int = 2) -> int:
-    "One warning for all the prompts `pipe` will cut (diffusers warns once per batch, which floods long runs): their number."
+    "One warning for all the distinct prompts `pipe` will cut (diffusers warns once per batch, which floods long runs): their number."
+    prompts = list(dict.fromkeys(prompts))   # a prompt generated with several seeds counts once
     long = long_prompts(pipe, prompts)
     if long:
         warnings.warn(f"{len(long)} of {len(prompts)} prompts are longer than the text encoder's {pipe.tokenizer.model_max_length} "
