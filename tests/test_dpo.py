@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from instructengine.core import ConfigError
 from instructengine.dpo import (COMBOS, TERMS, DPOCache, DPOConfig, cv_loss, dpo_loss, load_dpo_data, model_key, render_quads,
@@ -147,7 +148,13 @@ def test_options_train(tiny, tmp_path, which, kw):
         warnings.simplefilter("ignore")
         _, hist = train_dpo(_cfg(root, models[which], tmp_path / "o", max_steps=2, **kw), **QUIET)
     assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
-    if kw.get("full_finetune"): assert (tmp_path / "o" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    if kw.get("full_finetune"):   # the stages load the output folder as the aligned generator: its unet/ replaces the base's
+        assert (tmp_path / "o" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        base, tuned = (load_generator(GeneratorSpec(str(models[which]), lora=lora, device="cpu")).unet.state_dict() for lora in ("", str(tmp_path / "o")))
+        saved = load_file(tmp_path / "o" / "unet" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(tuned[k], saved[k]) for k in saved) and any(not torch.equal(base[k], saved[k]) for k in saved)
+        with pytest.raises(ValueError, match="no scale"):
+            load_generator(GeneratorSpec(str(models[which]), lora=str(tmp_path / "o"), lora_scale=0.5, device="cpu"))
     else: assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").is_file()
     if kw.get("method") == "sft": assert "implicit_accuracy" not in hist[0]
     if kw.get("data") == "pairs": assert set(k.split("/")[0] for k in hist[0] if "/" in k) == {"image_a"}

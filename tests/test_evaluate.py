@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from instructengine.core import ConfigError
-from instructengine.evaluate import (IMAGEREWARD_HEAD, IMAGEREWARD_MEAN, IMAGEREWARD_STD, LORA_FILE, ClipScorer, EvaluateConfig, HPSv2Scorer,
+from instructengine.evaluate import (IMAGEREWARD_HEAD, IMAGEREWARD_MEAN, IMAGEREWARD_STD, ClipScorer, EvaluateConfig, HPSv2Scorer,
                                      ImageRewardScorer, MPSScorer, OracleScorer, PickScoreScorer, benchmark_name, compare, convert_imagereward,
                                      eval_jobs, format_table, imagereward_key, load_benchmark, load_drawbench, load_state_dict_file, make_scorer,
                                      parse_scorer, relative_improvement, run_evaluate, tiny_imagereward, win_outcomes, win_rate)
+from instructengine.generate import LORA_FILE
 from instructengine.sandbox import parse_caption, render
 
 DRAWBENCH_CATEGORIES = {"Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20, "Descriptions": 20, "Gary Marcus et al.": 10,
@@ -145,6 +146,28 @@ def test_missing_lora_is_an_error_before_any_image(tiny, tmp_path):
     with pytest.raises(ValueError, match="not a ShapesWorld caption"):   # the oracle cannot read DrawBench: said before generating
         run_evaluate(_cfg(tiny, tmp_path / "c", lora="", scorers="oracle"), log=None)
     assert not any((tmp_path / r / "eval" / "images.jsonl").exists() for r in "abc")
+
+
+def test_full_finetune_folder_is_the_aligned_variant(tiny, tmp_path):
+    "A folder holding a whole fine-tuned UNet in unet/ (what the DPO stage saves with full_finetune) evaluates like a LoRA folder."
+    from diffusers import UNet2DConditionModel
+    run, g = tmp_path / "run", torch.Generator().manual_seed(0)
+
+    def save_tuned(scale):
+        unet = UNet2DConditionModel.from_pretrained(Path(tiny["sd"]) / "unet")
+        with torch.no_grad():
+            for p in unet.parameters(): p.add_(scale * torch.randn(p.shape, generator=g))
+        unet.save_pretrained(run / "ft" / "unet")
+
+    save_tuned(0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = run_evaluate(_cfg(tiny, run, lora="ft", scorers="clip"), log=None)
+        assert first["variants"] == ["base", "aligned"] and first["generated"] == 22 and first["missing_images"] == 0
+        scores = pd.read_parquet(run / "eval" / "scores.parquet").pivot(index="prompt_id", columns="variant", values="sha256")
+        assert (scores["base"] != scores["aligned"]).any()
+        save_tuned(0.05)   # other weights: only the aligned images are made again
+        assert run_evaluate(_cfg(tiny, run, lora="ft", scorers="clip"), log=None)["generated"] == 11
 
 
 def test_drawbench_shared_copy_and_limits():
