@@ -463,8 +463,10 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     the device. Checkpoints (`<out>/checkpoints/step-N`: trainable weights, optimizer, scheduler, RNG, step) every
     `checkpoint_every` steps; a rerun with the same parameters resumes from the latest. The inputs of every step depend
     only on the seed and the step, so a resumed run follows the uninterrupted one. A non-finite loss stops the run with
-    the last good checkpoint kept. Writes the LoRA in diffusers format to `<out>` and `train_log.csv`. Returns (pipe, history)."""
+    the last good checkpoint kept. Writes the LoRA in diffusers format to `<out>` and `train_log.csv`. Returns (pipe, history).
+    `log=None` keeps it quiet."""
     from accelerate import Accelerator
+    log = log or (lambda *a: None)
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     out = Path(cfg.out) if Path(cfg.out).is_absolute() else Path(cfg.run_dir) / cfg.out

@@ -523,8 +523,9 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     `<out>/checkpoints/step-N` every `checkpoint_every` steps, and a rerun with the same parameters resumes from the
     latest one (with other parameters it warns and starts over); the data order
     depends only on the seed and the step, and nothing in the model is random, so a resumed run follows the
-    uninterrupted one. `callback(step, record)` runs after every step. Returns (model, history)."""
+    uninterrupted one. `callback(step, record)` runs after every step. Returns (model, history); `log=None` keeps it quiet."""
     from accelerate import Accelerator
+    log = log or (lambda *a: None)
     out, root = _out_dir(cfg), Path(root or cfg.run_dir)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     acc = Accelerator(mixed_precision=mp)

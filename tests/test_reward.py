@@ -129,7 +129,7 @@ def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
 
 def test_save_load_score_and_judge(lesson_run, tmp_path):
     pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
-    model, _ = train_reward(_cfg(lesson_run, tmp_path / "m", freeze="all-but-last-1"), pairs, log=lambda *a: None)
+    model, _ = train_reward(_cfg(lesson_run, tmp_path / "m", freeze="all-but-last-1"), pairs, log=None)   # None: quiet
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["checkpoints", "config.json", "model.safetensors", "train_log.csv"]
     again = load_reward(tmp_path / "m")
     ims = [lesson_run / p for p in pairs["image_w"][:5]]
