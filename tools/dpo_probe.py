@@ -7,23 +7,31 @@
     python tools/dpo_probe.py train runs/probe beta=1000 max_steps=150
     python tools/dpo_probe.py train runs/probe beta=1000 --swap            # the labels reversed: a sign check
     python tools/dpo_probe.py train runs/sandbox-ablation beta=1000       # a data-engine run: its quads, cross-validation
+    python tools/dpo_probe.py train runs/probe beta=1000 full_finetune=true lr=1e-5   # the whole UNet against a frozen copy
+    # a second round on the policy's own images: fuse round 1 (a LoRA, or a whole UNet) into a pipeline folder, draw new
+    # data from it, train against it as the reference
+    python tools/dpo_probe.py fuse runs/probe/probe/full_finetuneTrue-beta1000-lr1e-05 runs/probe-r1/model
+    python tools/dpo_probe.py data runs/probe-r2 --model runs/probe-r1/model --seed 124   # its exact match: round 1 on fresh prompts
+    python tools/dpo_probe.py data runs/probe-base124 --seed 124                         # the base on the same prompts and seeds
+    python tools/dpo_probe.py train runs/probe-r2 beta=1000 full_finetune=true lr=1e-5 model=$PWD/runs/probe-r1/model
 
-Each `train` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 8 min at the sizes
-above and `train` about 3 min (150 steps and the scoring).
+Each `train` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
+above and `train` about 3-5 min (150 steps and the scoring).
 """
 import argparse, json, os, random, sys, time
 from pathlib import Path
 
 os.environ.setdefault("INSTRUCTENGINE_PROGRESS", "0")
-import pandas as pd, yaml
+import pandas as pd
 
+from instructengine.core import load_yaml
 from instructengine.dpo import DPOConfig, _bench_table, _summary, base_table, bench_subset, load_dpo_data, train_dpo
-from instructengine.generate import GeneratorSpec, load_generator
+from instructengine.generate import GeneratorSpec, aligned_weights, load_generator
 from instructengine.sandbox import CATEGORIES, caption, check, load_shapesbench, sample_scene
 from instructengine.sandbox_generator import generate
 
 
-def make_data(out: Path, per_category: int, images: int, seed: int):
+def make_data(out: Path, per_category: int, images: int, seed: int, model: str = "sandbox"):
     (out / "images").mkdir(parents=True, exist_ok=True)
     held, rng, jobs = {r["prompt"] for r in load_shapesbench()}, random.Random(seed), []
     for cat in CATEGORIES:
@@ -33,7 +41,7 @@ def make_data(out: Path, per_category: int, images: int, seed: int):
             if p in held: continue
             jobs += [(cat, p)] * images; n += 1
     t0 = time.time()
-    imgs = generate(load_generator(GeneratorSpec("sandbox", device="cpu")), [p for _, p in jobs],
+    imgs = generate(load_generator(GeneratorSpec(model, device="cpu")), [p for _, p in jobs],
                     [1000 + i for i in range(len(jobs))], batch_size=128)
     rows = []
     for i, ((cat, p), im) in enumerate(zip(jobs, imgs, strict=True)):
@@ -49,8 +57,17 @@ def make_data(out: Path, per_category: int, images: int, seed: int):
           f"{pd.DataFrame(pairs).category.value_counts().to_dict()}")
 
 
+def fuse(lora: Path, out: Path):
+    """The sandbox generator with a trained folder applied (a LoRA merged into its UNet, or a full fine-tune's UNet), saved
+    as a diffusers pipeline folder: the base, and the reference, of the next round."""
+    pipe = load_generator(GeneratorSpec("sandbox", lora=str(lora), device="cpu"))
+    if aligned_weights(lora)[0] == "lora": pipe.fuse_lora(); pipe.unload_lora_weights()
+    pipe.save_pretrained(out)
+    print(f"{lora} fused into {out}")
+
+
 def train(folder: Path, sets: list, swap: bool):
-    kw = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
+    kw = {k: load_yaml(v) for k, v in (s.split("=", 1) for s in sets)}
     name = "-".join(f"{k}{v}" for k, v in kw.items()) + ("-swapped" if swap else "") or "defaults"
     quads = not (folder / "images.csv").is_file()   # a probe folder (from `data`) has images.csv; a run folder has quads
     if quads:
@@ -81,9 +98,12 @@ if __name__ == "__main__":
     d = sub.add_parser("data"); d.add_argument("out", type=Path)
     d.add_argument("--per-category", type=int, default=100); d.add_argument("--images", type=int, default=4)
     d.add_argument("--seed", type=int, default=123)
+    d.add_argument("--model", default="sandbox", help="the generator drawing the images: sandbox or a pipeline folder")
+    f = sub.add_parser("fuse"); f.add_argument("lora", type=Path); f.add_argument("out", type=Path)
     t = sub.add_parser("train"); t.add_argument("folder", type=Path); t.add_argument("sets", nargs="*", help="DPOConfig field=value")
     t.add_argument("--swap", action="store_true", help="reverse every preference (winner <-> loser)")
     a = ap.parse_args()
-    if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed)
+    if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
+    elif a.cmd == "fuse": fuse(a.lora, a.out)
     else: train(a.folder, a.sets, a.swap)
     sys.exit(0)
