@@ -18,6 +18,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -824,6 +825,7 @@ def load_training_pairs(cfg: RewardTrainConfig) -> tuple:
 def evaluate_reward(model: "MPSModel", test: pd.DataFrame, root, batch_size: int = 64) -> dict:
     """Accuracy per dimension and per rating gap, the confusion view and calibration of `model` on `test` pairs (already
     prepared). Every pair is scored once under each condition; its own dimension's scores give accuracy and calibration."""
+    if not len(test): raise ValueError("evaluate_reward: no test pairs (decided ones, after leaving out ties): nothing to evaluate")
     dims = [d for d in model.dimensions if d in set(test["dimension"])]
     by = _scores_by_condition(model, test, root, dims, batch_size)
     own = torch.tensor([dims.index(d) for d in test["dimension"]])
@@ -864,23 +866,29 @@ def reward_ablations(cfg: RewardTrainConfig, train: pd.DataFrame, test: pd.DataF
 def run_reward(cfg: RewardTrainConfig, ablations: bool = False) -> dict:
     """The stage: train on the run's pairs (held-out contrast pairs kept aside), evaluate, and write `reward/` (the
     model, `train_log.csv`, `test_scores.parquet`, `accuracy_by_gap.csv`, `metrics.json`, and with `ablations` the
-    ablation table)."""
+    ablation table). With `test_fraction = 0` the model is trained on every pair and not evaluated: `evaluation` is None."""
     run = RunDir(cfg.run_dir, create=False)
     train, test = load_training_pairs(cfg)
+    if ablations and not len(test): raise ValueError(f"run_reward: the ablations compare held-out accuracy, and test_fraction = {cfg.test_fraction} holds out no pairs")
     run.write_config("reward", cfg)
     t0 = time.time()
     model, history = train_reward(cfg, train)
     t1 = time.time()
-    test_ties = int(prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map)["tie"].sum())
-    test = prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map, decided=True)
-    ev = evaluate_reward(model, test, cfg.run_dir)
+    test_ties = int(prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map)["tie"].sum()) if len(test) else 0
+    test = prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map, decided=True) if len(test) else test
     out = _out_dir(cfg)
-    ev["scores"].to_parquet(out / "test_scores.parquet", index=False)
-    ev["by_gap"].to_csv(out / "accuracy_by_gap.csv")
-    summary = {"train_pairs": len(train), "test_pairs": len(test), "test_ties_skipped": test_ties, "steps": len(history), "final_loss": history[-1]["loss"],
-               "accuracy": ev["accuracy"]["accuracy"].to_dict(), "decided_test_pairs": ev["accuracy"]["pairs"].to_dict(),
-               "accuracy_by_gap": {d: g.droplevel(0)["accuracy"].to_dict() for d, g in ev["by_gap"].groupby(level=0)},
-               "confusion": ev["confusion"].to_dict(), "ece": ev["ece"], "seconds": {"train": round(t1 - t0, 1), "evaluate": round(time.time() - t1, 1)}}
+    summary = {"train_pairs": len(train), "test_pairs": len(test), "test_ties_skipped": test_ties, "steps": len(history), "final_loss": history[-1]["loss"]}
+    if len(test):
+        ev = evaluate_reward(model, test, cfg.run_dir)
+        ev["scores"].to_parquet(out / "test_scores.parquet", index=False)
+        ev["by_gap"].to_csv(out / "accuracy_by_gap.csv")
+        summary |= {"accuracy": ev["accuracy"]["accuracy"].to_dict(), "decided_test_pairs": ev["accuracy"]["pairs"].to_dict(),
+                    "accuracy_by_gap": {d: g.droplevel(0)["accuracy"].to_dict() for d, g in ev["by_gap"].groupby(level=0)},
+                    "confusion": ev["confusion"].to_dict(), "ece": ev["ece"]}
+    else:
+        if cfg.test_fraction: warnings.warn(f"run_reward: no decided held-out pairs (test_fraction = {cfg.test_fraction}): the model is not evaluated", stacklevel=2)
+        ev, summary = None, summary | {"accuracy": {}, "decided_test_pairs": {}, "accuracy_by_gap": {}, "confusion": {}, "ece": None}
+    summary["seconds"] = {"train": round(t1 - t0, 1), "evaluate": round(time.time() - t1, 1)}
     if ablations:
         table = reward_ablations(cfg, train, test, base=ev["accuracy"]["accuracy"])
         table.to_csv(out / "ablations.csv")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from instructengine.annotate import make_judge, pairs_frame
 from instructengine.core import ConfigError
 from instructengine.reward import (SANDBOX_CONDITIONS, MPSConfig, MPSModel, RewardTrainConfig, condition_mask, load_backbone,
-                                   load_reward, mask_quality, save_reward, score, tiny_clip_folder, train_reward)
+                                   evaluate_reward, load_reward, mask_quality, run_reward, save_reward, score, tiny_clip_folder, train_reward)
 from instructengine.sandbox import caption, render, sample_scene
 
 SANDBOX = dict(mask_similarity="lexical", threshold=0.9, conditions=SANDBOX_CONDITIONS)
@@ -125,6 +125,19 @@ def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
     with pytest.warns(UserWarning, match="other training parameters.*starting over"):
         _, other = train_reward(cfg.with_overrides(lr=1e-2, max_steps=3), pairs, log=lambda *a: None)
     assert [h["step"] for h in other] == [1, 2, 3] and other[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-6)
+
+
+def test_nothing_held_out_trains_on_every_pair(lesson_run, tmp_path):
+    import json, shutil
+    run = shutil.copytree(lesson_run, tmp_path / "run")
+    cfg = _cfg(run, tmp_path / "all", data="pairs", test_fraction=0.0)
+    result = run_reward(cfg)
+    assert result["evaluation"] is None and result["test_pairs"] == 0 and result["train_pairs"] == 16 and result["accuracy"] == {}
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["test_pairs"] == 0 and (tmp_path / "all" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="holds out no pairs"):
+        run_reward(cfg, ablations=True)
+    with pytest.raises(ValueError, match="no test pairs"):
+        evaluate_reward(load_reward(tmp_path / "all"), __import__("pandas").read_parquet(run / "pairs.parquet").iloc[:0], run)
 
 
 def test_save_load_score_and_judge(lesson_run, tmp_path):
