@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['RUN_LAYOUT', 'ConfigError', 'load_yaml', 'dump_yaml', 'to_jsonable', 'Config', 'seed_everything', 'pick_device',
-           'pick_dtype', 'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'RecordStore',
-           'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints', 'progress_enabled',
-           'progress', 'hub_offline', 'hub_kwargs', 'from_hub']
+           'pick_dtype', 'make_accelerator', 'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir',
+           'RecordLog', 'RecordStore', 'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore',
+           'Checkpoints', 'progress_enabled', 'progress', 'hub_offline', 'hub_kwargs', 'from_hub']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import contextlib
@@ -260,6 +260,15 @@ def pick_dtype(device: str | torch.device | None = None, dtype: str | torch.dtyp
     dev = pick_device(device)
     if dev.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16 if dev.type == "mps" else torch.float32
+
+# %% ../nbs/00_core.ipynb #7daf1415
+def make_accelerator(mixed_precision: str = "no", **kwargs):
+    "accelerate's `Accelerator` for one training run, with `mixed_precision` even when an earlier run in this process used another."
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()   # the precision of an earlier run; PartialState (processes, devices) stays
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 # %% ../nbs/00_core.ipynb #05c02c98
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, progress
+from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, progress
 from .generate import GeneratorSpec, load_generator
 
 # %% ../nbs/07_dpo.ipynb #22f103ab
@@ -465,7 +465,6 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     only on the seed and the step, so a resumed run follows the uninterrupted one. A non-finite loss stops the run with
     the last good checkpoint kept. Writes the LoRA in diffusers format to `<out>` and `train_log.csv`. Returns (pipe, history).
     `log=None` keeps it quiet."""
-    from accelerate import Accelerator
     log = log or (lambda *a: None)
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -478,7 +477,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
             trackers = ["tensorboard"]
         except ImportError: log("tensorboard is not installed: logging to train_log.csv only")
     from accelerate.utils import ProjectConfiguration
-    acc = Accelerator(mixed_precision=mp, log_with=trackers or None,
+    acc = make_accelerator(mp, log_with=trackers or None,
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     data = data if data is not None else load_dpo_data(cfg)
     weights, sft = cfg.active_weights, cfg.method == "sft"

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .annotate import Judge, Judgments, images_by_side, pairs_frame, read_pairs
-from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, pick_dtype, progress, to_jsonable, to_pil
+from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, make_accelerator, pick_dtype, progress, to_jsonable, to_pil
 from .sandbox import (ASPECTS, BACKDROP_WORDS, COLOR_WORDS, COUNT_WORDS, FINISH_WORDS, POSITION_WORDS, SHAPE_WORDS, SIZE_WORDS,
                                     _PHRASE_RE, _PHRASES)
 
@@ -525,11 +525,10 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     latest one (with other parameters it warns and starts over); the data order
     depends only on the seed and the step, and nothing in the model is random, so a resumed run follows the
     uninterrupted one. `callback(step, record)` runs after every step. Returns (model, history); `log=None` keeps it quiet."""
-    from accelerate import Accelerator
     log = log or (lambda *a: None)
     out, root = _out_dir(cfg), Path(root or cfg.run_dir)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    acc = Accelerator(mixed_precision=mp)
+    acc = make_accelerator(mp)
     torch.manual_seed(cfg.seed)
     model = model if model is not None else MPSModel(cfg.model)
     freeze_backbone(model.backbone, cfg.freeze)

@@ -160,6 +160,15 @@ def test_options_train(tiny, tmp_path, which, kw):
     if kw.get("data") == "pairs": assert set(k.split("/")[0] for k in hist[0] if "/" in k) == {"image_a"}
 
 
+def test_precision_can_change_between_runs_of_one_process(tiny, tmp_path):
+    root, models = tiny   # accelerate keeps its mixed precision for the process; a notebook kernel trains more than once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, mp in enumerate(("no", "bf16", "no")):
+            _, hist = train_dpo(_cfg(root, models["sd"], tmp_path / f"p{k}", max_steps=1, mixed_precision=mp), **QUIET)
+            assert math.isfinite(hist[-1]["loss"])
+
+
 def test_trains_whatever_the_callers_grad_mode(tiny, tmp_path):
     root, models = tiny   # a notebook may have switched autograd off for its lessons (05_reward does)
     with torch.no_grad(), warnings.catch_warnings():
