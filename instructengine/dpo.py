@@ -456,6 +456,12 @@ def save_lora(unet, folder, kind: str = "sd") -> Path:
 
 # %% ../nbs/07_dpo.ipynb #c7b076b4
 @torch.enable_grad()   # a trainer does not depend on the caller's grad mode (a notebook may have turned it off)
+def _cast(model, dtype):
+    """Cast a diffusers model's weights to `dtype`. diffusers' own `to` warns about modules to keep in fp32 on every dtype
+    cast, even for models that have none (UNets), so those go through torch's `to`."""
+    return model.to(dtype=dtype) if getattr(model, "_keep_in_fp32_modules", None) else torch.nn.Module.to(model, dtype=dtype)
+
+
 def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=None, log=print) -> tuple:
     """LoRA Diffusion-DPO / cross-validation alignment / SFT on a run's quads (or pairs). accelerate (one GPU, DDP on many),
     autocast with fp32 LoRA parameters, gradient accumulation, clipping, LR warmup, optional gradient checkpointing and
@@ -502,12 +508,12 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     if cfg.full_finetune:
         import copy
         ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device).eval()
-        if weight_dtype != torch.float32: ref_unet.to(dtype=weight_dtype)
+        if weight_dtype != torch.float32: _cast(ref_unet, weight_dtype)
         unet.requires_grad_(True).to(acc.device); params = list(unet.parameters())
     else:
         ref_unet = None
         unet.to(acc.device)
-        if weight_dtype != torch.float32: unet.to(dtype=weight_dtype)   # the frozen base in half precision; LoRA stays fp32
+        if weight_dtype != torch.float32: _cast(unet, weight_dtype)   # the frozen base in half precision; LoRA stays fp32
         params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     if cfg.gradient_checkpointing: unet.enable_gradient_checkpointing()
     unet.train()
