@@ -455,13 +455,13 @@ def save_lora(unet, folder, kind: str = "sd") -> Path:
     return Path(folder)
 
 # %% ../nbs/07_dpo.ipynb #c7b076b4
-@torch.enable_grad()   # a trainer does not depend on the caller's grad mode (a notebook may have turned it off)
 def _cast(model, dtype):
     """Cast a diffusers model's weights to `dtype`. diffusers' own `to` warns about modules to keep in fp32 on every dtype
     cast, even for models that have none (UNets), so those go through torch's `to`."""
     return model.to(dtype=dtype) if getattr(model, "_keep_in_fp32_modules", None) else torch.nn.Module.to(model, dtype=dtype)
 
 
+@torch.enable_grad()   # a trainer does not depend on the caller's grad mode (a notebook may have turned it off)
 def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=None, log=print) -> tuple:
     """LoRA Diffusion-DPO / cross-validation alignment / SFT on a run's quads (or pairs). accelerate (one GPU, DDP on many),
     autocast with fp32 LoRA parameters, gradient accumulation, clipping, LR warmup, optional gradient checkpointing and
