@@ -873,8 +873,10 @@ def run_reward(cfg: RewardTrainConfig, ablations: bool = False) -> dict:
     t0 = time.time()
     model, history = train_reward(cfg, train)
     t1 = time.time()
-    test_ties = int(prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map)["tie"].sum()) if len(test) else 0
-    test = prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map, decided=True) if len(test) else test
+    test_ties = 0
+    if len(test):
+        test_ties = int(prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map)["tie"].sum())
+        test = prepare_pairs(test, model, cfg.dimensions, cfg.dimension_map, decided=True)
     out = _out_dir(cfg)
     summary = {"train_pairs": len(train), "test_pairs": len(test), "test_ties_skipped": test_ties, "steps": len(history), "final_loss": history[-1]["loss"]}
     if len(test):
