@@ -14,9 +14,14 @@
     python tools/dpo_probe.py data runs/probe-r2 --model runs/probe-r1/model --seed 124   # its exact match: round 1 on fresh prompts
     python tools/dpo_probe.py data runs/probe-base124 --seed 124                         # the base on the same prompts and seeds
     python tools/dpo_probe.py train runs/probe-r2 beta=1000 full_finetune=true lr=1e-5 model=$PWD/runs/probe-r1/model
+    # more data: 2.7 times the pairs (300 prompts a category), the same epochs; then its exact match on the fresh prompts
+    python tools/dpo_probe.py data runs/probe-3x --per-category 300 --seed 125
+    python tools/dpo_probe.py train runs/probe-3x beta=1000 full_finetune=true lr=1e-5 max_steps=400
+    python tools/dpo_probe.py fuse runs/probe-3x/probe/beta1000-full_finetuneTrue-lr1e-05-max_steps400 runs/probe-3x/model
+    python tools/dpo_probe.py data runs/probe-3x-eval124 --model runs/probe-3x/model --seed 124
 
 Each `train` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
-above and `train` about 3-5 min (150 steps and the scoring).
+above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
 """
 import argparse, json, os, random, sys, time
 from pathlib import Path
