@@ -6,24 +6,18 @@ script prints the model's accuracy (from `reward/test_scores.parquet`) on stable
 
     python tools/reward_label_stability.py runs/reward-big      # after make reward-study STUDY=runs/reward-big ...
 """
-import json, sys
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from instructengine.core import RunDir
+from instructengine.reward import aspect_pairs
 from instructengine.sandbox import rate
 
 SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
-
-
-def _split_id(pair_id: str) -> tuple:
-    "aspect|<winner id>|<loser id>|<under>|<dimension>, where an image id itself holds two '|'."
-    body, _ = pair_id.removeprefix("aspect|").rsplit("|", 1)
-    body, under = body.rsplit("|", 1)
-    parts = body.split("|")
-    return "|".join(parts[:3]), "|".join(parts[3:]), under
 
 
 def readings(path: Path, instruction: str) -> list:
@@ -36,16 +30,15 @@ def readings(path: Path, instruction: str) -> list:
 
 
 def main(run: Path):
-    s = pd.read_parquet(run / "reward" / "test_scores.parquet")
-    s = s[~s["tie"] & s["id"].str.startswith("aspect|")].copy()
-    s[["w", "l", "under"]] = pd.DataFrame([_split_id(i) for i in s["id"]], index=s.index)
-    paths = {r["id"]: run / r["path"] for r in map(json.loads, open(run / "images.jsonl"))}
-    said = {(r["image_id"], r["under"]): r["instruction"] for r in map(json.loads, open(run / "annotations.jsonl")) if r["task"] == "rate"}
+    scores = pd.read_parquet(run / "reward" / "test_scores.parquet")
+    # the held-out pairs' prompts and images, from the same annotations the reward stage read
+    s = scores[~scores["tie"]].merge(aspect_pairs(RunDir(run, create=False))[["id", "prompt", "image_w", "image_l"]], on="id", validate="1:1")
     cache = {}
-    def get(i, u):
-        if (i, u) not in cache: cache[i, u] = readings(paths[i], said[i, u])
-        return cache[i, u]
-    s["stable"] = [all(x[d] > y[d] for x, y in zip(get(w, u), get(l, u), strict=True)) for w, l, u, d in zip(s.w, s.l, s.under, s.dimension, strict=True)]
+    def get(path, prompt):
+        if (path, prompt) not in cache: cache[path, prompt] = readings(run / path, prompt)
+        return cache[path, prompt]
+    s["stable"] = [all(x[d] > y[d] for x, y in zip(get(w, p), get(l, p), strict=True))
+                   for w, l, p, d in zip(s.image_w, s.image_l, s.prompt, s.dimension, strict=True)]
     s["right"] = s["score_w"] > s["score_l"]
     t = s.groupby(["dimension", "stable"])["right"].agg(accuracy="mean", pairs="size").unstack("stable")
     print(t.round(3).to_string())
