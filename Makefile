@@ -50,7 +50,7 @@ reward-study: install
 		-p limit 0 -p images_per_instruction $(IMAGES)
 	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/04_annotate.ipynb $(STUDY)/notebooks/04_annotate.ipynb --cwd nbs -p run_dir ../$(STUDY) \
 		-p limit 0 -y '{judges: [{kind: oracle}], rules: [{rule: follows_own, judge: oracle}]}'
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/05_reward.ipynb $(STUDY)/notebooks/05_reward.ipynb --cwd nbs -p run_dir ../$(STUDY) \
+	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/05a_reward_train.ipynb $(STUDY)/notebooks/05a_reward_train.ipynb --cwd nbs -p run_dir ../$(STUDY) \
 		-p max_steps $(STEPS) -p ablations $(ABLATIONS)
 	@$(BIN)/python -c "import json, pandas as pd; m = json.load(open('$(STUDY)/reward/metrics.json')); \
 		print(pd.DataFrame(m['ablations']).round(3).to_string() if 'ablations' in m else pd.Series(m['accuracy']).round(3).to_string())"

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 from instructengine.annotate import make_judge, pairs_frame
 from instructengine.core import ConfigError
-from instructengine.reward import (SANDBOX_CONDITIONS, MPSConfig, MPSModel, RewardTrainConfig, condition_mask, load_backbone,
-                                   evaluate_reward, load_reward, mask_quality, run_reward, save_reward, score, tiny_clip_folder, train_reward)
+from instructengine.reward import (SANDBOX_CONDITIONS, MPSConfig, MPSModel, condition_mask, load_backbone, load_reward, mask_quality, save_reward,
+                                   score, tiny_clip_folder)
+from instructengine.reward_train import RewardTrainConfig, evaluate_reward, run_reward, train_reward
 from instructengine.sandbox import caption, render, sample_scene
 
 SANDBOX = dict(mask_similarity="lexical", threshold=0.9, conditions=SANDBOX_CONDITIONS)
@@ -92,7 +93,7 @@ def lesson_run(tmp_path_factory):
 
 TRAIN = """
 import sys, pandas as pd
-from instructengine.reward import *
+from instructengine.reward_train import RewardTrainConfig, train_reward
 cfg = RewardTrainConfig.from_yaml(open(sys.argv[1]).read())
 train_reward(cfg, pd.read_parquet(sys.argv[2]), log=lambda *a: None)
 """
@@ -179,5 +180,5 @@ def test_bad_training_configs_name_the_field():
     with pytest.raises(ConfigError, match="dimensions"): RewardTrainConfig(model=MPSConfig(**SANDBOX), dimensions=["style"])
     with pytest.raises(ConfigError, match="mask_similarity"): MPSConfig(mask_similarity="fuzzy")
     with pytest.raises(ConfigError, match="all-but-last-N"):
-        from instructengine.reward import freeze_backbone
+        from instructengine.reward_train import freeze_backbone
         freeze_backbone(load_backbone("sandbox"), "all-but-last-x")

@@ -1,4 +1,4 @@
-"""How much of the reward model's shortfall is fragile labels? (05_reward, "Why one model per dimension wins here")
+"""How much of the reward model's shortfall is fragile labels? (05a_reward_train, "Why one model per dimension wins here")
 
 Each image of a reward run's decided held-out pairs is read again by the oracle after a one-pixel shift in each of four
 directions. A pair is stable when its winner out-rates its loser on the pair's dimension in all five readings. The
@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from instructengine.core import RunDir
-from instructengine.reward import aspect_pairs
+from instructengine.reward_train import aspect_pairs
 from instructengine.sandbox import rate
 
 SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
