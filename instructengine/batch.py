@@ -42,7 +42,7 @@ def main():
 # %% ../nbs/09_batch.ipynb #e177458f
 STAGES = {  # stage -> its notebook, in pipeline order
     "base_bench": "01b_sandbox_generator.ipynb", "taxonomy": "02_taxonomy.ipynb", "generate": "03_generate.ipynb",
-    "annotate": "04_annotate.ipynb", "reward": "05a_reward_train.ipynb", "attention": "06_attention.ipynb", "dpo": "07_dpo.ipynb",
+    "annotate": "04_annotate.ipynb", "reward": "05a_reward_train.ipynb", "attention": "06_attention.ipynb", "dpo": "07a_dpo_train.ipynb",
     "evaluate": "08_evaluate.ipynb"}
 STAGE_OUTPUTS = {  # what each stage writes into a run folder, besides config.yaml and metrics.json
     "base_bench": ("eval",), "taxonomy": ("instructions.jsonl", "instructions.raw.jsonl", "instructions.png"),
@@ -88,7 +88,7 @@ def parse_params(items: list) -> dict:
 STAGE_CONFIGS = {  # stage -> its config class, whose other fields a notebook's `config` parameter passes through
     "base_bench": "sandbox_generator:BaseBenchConfig", "taxonomy": "taxonomy:TaxonomyRunConfig", "generate": "generate:GenerateConfig",
     "annotate": "annotate:AnnotateConfig", "reward": "reward_train:RewardTrainConfig", "attention": "attention:AttentionConfig",
-    "dpo": "dpo:DPOConfig", "evaluate": "evaluate:EvaluateConfig"}
+    "dpo": "dpo_train:DPOConfig", "evaluate": "evaluate:EvaluateConfig"}
 
 
 def stage_config(stage: str) -> type:

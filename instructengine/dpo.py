@@ -5,14 +5,11 @@
 # %% auto #0
 __all__ = ['COMBOS', 'TERMS', 'METHODS', 'LORA_TARGETS', 'denoise_errors', 'dpo_loss', 'beta_to_diffusers', 'term_weights',
            'needed_combos', 'cv_loss', 'sft_loss', 'tiny_pipeline', 'render_quads', 'model_kind', 'add_lora',
-           'reference_mode', 'default_resolution', 'load_image', 'model_key', 'DPOCache', 'encode_prompts',
-           'quad_batch', 'combo_errors', 'DPOConfig', 'load_dpo_data', 'balance_weights', 'save_lora', 'train_dpo',
-           'bench_subset', 'shapesbench_eval', 'plot_bench', 'base_table', 'run_dpo', 'dpo_study']
+           'reference_mode', 'save_lora', 'default_resolution', 'load_image', 'model_key', 'DPOCache', 'encode_prompts',
+           'quad_batch', 'combo_errors']
 
 # %% ../nbs/07_dpo.ipynb #4b1fdb35
-import hashlib, json, math, time
-from dataclasses import dataclass, field
-from functools import partial
+import hashlib, json
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, progress
-from .generate import GeneratorSpec, load_generator
+from .core import ConfigError, RunDir, progress
 
 # %% ../nbs/07_dpo.ipynb #22f103ab
 def denoise_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -181,6 +177,20 @@ class reference_mode:
     def __exit__(self, *exc):
         self.unet.enable_adapters(); torch.set_grad_enabled(self.grad)
 
+# %% ../nbs/07_dpo.ipynb #56cbc9c9
+def save_lora(unet, folder, kind: str = "sd") -> Path:
+    """The UNet's LoRA in diffusers format (`pytorch_lora_weights.safetensors`), loadable by `pipe.load_lora_weights(folder)`.
+    The adapter's peft config (rank, alpha, targets) goes into the file's metadata: without it a loader assumes
+    alpha = rank, and an adapter trained with another alpha would load at the wrong scale."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    cls.save_lora_weights(str(folder), unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in layers.items()},
+                          unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
+    return Path(folder)
+
 # %% ../nbs/07_dpo.ipynb #e8dc672a
 def default_resolution(pipe) -> int:
     "The pixel size a pipeline generates at by default (UNet sample size x the VAE's downsampling)."
@@ -326,366 +336,3 @@ def combo_errors(unet, scheduler, batch: dict, device=None, dtype=None) -> dict:
     pred = unet(zt, t, encoder_hidden_states=emb, **extra).sample
     err = denoise_errors(pred, target).view(len(batch["combos"]), -1)
     return dict(zip(batch["combos"], err, strict=True))
-
-# %% ../nbs/07_dpo.ipynb #41591c61
-@dataclass
-class DPOConfig(Config):
-    "Parameters of the DPO stage (trl-style: one dataclass, literals only, so papermill and YAML can set every one)."
-    run_dir: str = "../runs/sandbox"
-    model: str = "sandbox"          # "sandbox", a diffusers pipeline folder or a hub id (SD v1.5, SDXL)
-    data: str = "quads"             # "quads" (quads.parquet) or "pairs" (pairs.parquet: plain Diffusion-DPO, ties left out)
-    method: str = "cv"              # "cv" (cross-validation, all four terms), "dpo" (image side), "text" (text side), "sft"
-    weights: dict = field(default_factory=dict)   # term -> weight, overrides the method's preset (image_a, image_b, text_a, text_b)
-    beta: float = 5000.0            # the paper's beta (inside the sigmoid as beta/2); the diffusers script's beta_dpo = beta/2
-    sft_weight: float = 0.0         # add this times the SFT loss on the winners to a DPO method's loss (0 = pure DPO)
-    resolution: int = 0             # 0 = the model's default size
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_targets: str = LORA_TARGETS
-    lora_dropout: float = 0.0
-    full_finetune: bool = False     # train the whole UNet against a frozen copy instead of a LoRA
-    max_steps: int = 200
-    batch_size: int = 16            # quads (or pairs) a step, over all processes, before accumulation
-    grad_accum: int = 1
-    lr: float = 1e-4
-    lr_scheduler: str = "constant_with_warmup"   # any diffusers.optimization scheduler name
-    warmup_steps: int = 20
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"   # "auto" (bf16 on a GPU, else none), "no", "bf16", "fp16"
-    gradient_checkpointing: bool = False
-    compile: bool = False           # torch.compile the UNet
-    flip: bool = False              # mirror each quad at random (both latents cached)
-    balance: str = ""               # a quads column (or "theme": the taxonomy theme in pair_id) whose values are drawn equally often ("" = uniform)
-    latent_sample: bool = False     # draw the latents from the cached VAE distribution each step (False: take its mean)
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    tensorboard: bool = True        # also log to TensorBoard (when installed), beside train_log.csv
-    seed: int = 0
-    out: str = "dpo"                # relative to run_dir
-    eval_per_prompt: int = 2        # ShapesBench images a prompt before and after (0 = no ShapesBench: not a sandbox model)
-    eval_limit: int = 0             # ShapesBench prompts a category (0 = all 25)
-    eval_seed: int = 0
-    study: str = ""                 # methods to compare at an equal image budget, e.g. "cv,dpo,text,sft" ("" = none)
-    study_seeds: int = 3
-
-    def validate(self):
-        if self.data not in ("quads", "pairs"): raise ConfigError(f"DPOConfig.data = {self.data!r}: expected 'quads' or 'pairs'")
-        try: w = self.active_weights
-        except ConfigError as e: raise ConfigError(f"DPOConfig.{e}") from None
-        if self.data == "pairs" and self.method != "sft" and set(w) != {"image_a"}:
-            raise ConfigError(f"DPOConfig: data 'pairs' has one instruction per pair, so only the image_a term applies (got {sorted(w)}); use method 'dpo' with weights {{image_a: 1}} or data 'quads'")
-        for k in ("max_steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, k) < 1: raise ConfigError(f"DPOConfig.{k} = {getattr(self, k)}: expected >= 1")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ConfigError(f"DPOConfig.mixed_precision = {self.mixed_precision!r}: expected 'auto', 'no', 'bf16' or 'fp16'")
-
-    @property
-    def active_weights(self) -> dict:
-        if self.data == "pairs" and not self.weights and self.method == "dpo": return {"image_a": 1.0}
-        return term_weights(self.method, self.weights)
-
-
-def load_dpo_data(cfg: DPOConfig, root=None) -> pd.DataFrame:
-    "The training rows as quads (instr_a, instr_b, image_a, image_b with paths made absolute against `root`, default the run folder)."
-    run = RunDir(cfg.run_dir, create=False); root = Path(root or run.root)
-    src = run.root / f"{cfg.data}.parquet"
-    if not src.is_file(): raise FileNotFoundError(f"{src} does not exist: run the annotation stage first")
-    df = pd.read_parquet(src)
-    need = {"prompt", "image_w", "image_l"} if cfg.data == "pairs" else {"instr_a", "instr_b", "image_a", "image_b"}
-    missing = need - set(df.columns)
-    if missing: raise ValueError(f"{src}: missing columns {sorted(missing)}")
-    if cfg.data == "pairs":
-        if "tie" in df: df = df[~df["tie"]]
-        df = df.rename(columns={"image_w": "image_a", "image_l": "image_b"}).assign(instr_a=lambda d: d["prompt"], instr_b=lambda d: d["prompt"])
-    if df.empty: raise ValueError(f"{src}: no rows to train on")
-    df = df.reset_index(drop=True)
-    for c in ("image_a", "image_b"): df[c] = [str(p if Path(p).is_absolute() else root / p) for p in df[c]]
-    return df
-
-# %% ../nbs/07_dpo.ipynb #5c7b3ee7
-def balance_weights(data: pd.DataFrame, column: str = "") -> torch.Tensor:
-    "Sampling weights that draw every value of `column` equally often (None for uniform). 'theme' reads the part of pair_id before '/'."
-    if not column: return None
-    if column == "theme" and "theme" not in data: values = data["pair_id"].astype(str).str.split("/").str[0]
-    elif column in data: values = data[column].astype(str)
-    else: raise ValueError(f"balance column {column!r}: not a column of the quads ({', '.join(data.columns)})")
-    counts = values.map(values.value_counts())
-    return torch.tensor((1.0 / counts).to_numpy(), dtype=torch.float64)
-
-
-def _rows(data: pd.DataFrame, index: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, weights=None) -> pd.DataFrame:
-    """Micro-batch `index` of the run: epochs are permutations drawn from the seed and the epoch number (with `weights`,
-    a weighted draw from the seed and the index), so any batch can be found again."""
-    if weights is not None:
-        pick = torch.multinomial(weights, batch_size, replacement=True, generator=torch.Generator().manual_seed(seed * 100003 + index))
-        return data.iloc[pick[rank::world].tolist()]
-    per_epoch = max(1, len(data) // batch_size)
-    epoch, k = divmod(index, per_epoch)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return data.iloc[order[k * batch_size:(k + 1) * batch_size][rank::world].tolist()]
-
-
-def _signature(cfg: DPOConfig) -> dict:
-    d = cfg.to_dict()
-    for k in ("run_dir", "out", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "compile", "gradient_checkpointing",
-              "eval_per_prompt", "eval_limit", "eval_seed", "study", "study_seeds"): d.pop(k)
-    return d
-
-
-def _trainable_state(unet) -> dict:
-    return {k: v.detach().float().cpu().contiguous() for k, v in unet.named_parameters() if v.requires_grad}
-
-
-def _write_state(unet, opt, sched, folder: Path):
-    "A checkpoint's tensors: the trainable weights as safetensors; optimizer, scheduler and RNG for `torch.load(weights_only=True)`."
-    save_file(_trainable_state(unet), folder / "trainable.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, folder / "state.pt")
-
-# %% ../nbs/07_dpo.ipynb #56cbc9c9
-def save_lora(unet, folder, kind: str = "sd") -> Path:
-    "The UNet's LoRA in diffusers format (`pytorch_lora_weights.safetensors`), loadable by `pipe.load_lora_weights(folder)`."
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    cls.save_lora_weights(str(folder), unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in layers.items()}, safe_serialization=True)
-    return Path(folder)
-
-# %% ../nbs/07_dpo.ipynb #c7b076b4
-def _cast(model, dtype):
-    """Cast a diffusers model's weights to `dtype`. diffusers' own `to` warns about modules to keep in fp32 on every dtype
-    cast, even for models that have none (UNets), so those go through torch's `to`."""
-    return model.to(dtype=dtype) if getattr(model, "_keep_in_fp32_modules", None) else torch.nn.Module.to(model, dtype=dtype)
-
-
-@torch.enable_grad()   # a trainer does not depend on the caller's grad mode (a notebook may have turned it off)
-def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=None, log=print) -> tuple:
-    """LoRA Diffusion-DPO / cross-validation alignment / SFT on a run's quads (or pairs). accelerate (one GPU, DDP on many),
-    autocast with fp32 LoRA parameters, gradient accumulation, clipping, LR warmup, optional gradient checkpointing and
-    torch.compile. Latents and text embeddings are cached once (`<out>/cache`) and the VAE and text encoders then leave
-    the device. Checkpoints (`<out>/checkpoints/step-N`: trainable weights, optimizer, scheduler, RNG, step) every
-    `checkpoint_every` steps; a rerun with the same parameters resumes from the latest. The inputs of every step depend
-    only on the seed and the step, so a resumed run follows the uninterrupted one. A non-finite loss stops the run with
-    the last good checkpoint kept. Writes the LoRA in diffusers format to `<out>` and `train_log.csv`. Returns (pipe, history).
-    `log=None` keeps it quiet."""
-    log = log or (lambda *a: None)
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    out = Path(cfg.out) if Path(cfg.out).is_absolute() else Path(cfg.run_dir) / cfg.out
-    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    trackers = []
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-            trackers = ["tensorboard"]
-        except ImportError: log("tensorboard is not installed: logging to train_log.csv only")
-    from accelerate.utils import ProjectConfiguration
-    acc = make_accelerator(mp, log_with=trackers or None,
-                      project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    data = data if data is not None else load_dpo_data(cfg)
-    weights, sft = cfg.active_weights, cfg.method == "sft"
-    combos = needed_combos(weights, sft)
-    sample_w = balance_weights(data, cfg.balance)
-    pipe = pipe or load_generator(GeneratorSpec(cfg.model, device=str(acc.device), dtype="float32"))
-    kind, res = model_kind(pipe), cfg.resolution or default_resolution(pipe)
-    cache = DPOCache(out / "cache", model_key(cfg.model, pipe, res))
-    t0 = time.time()
-    if acc.is_main_process:
-        filled = cache.fill(pipe, list(data["image_a"]) + list(data["image_b"]), list(data["instr_a"]) + list(data["instr_b"]), res, cfg.flip)
-        log(f"cache: {filled} in {time.time() - t0:.1f}s")
-    acc.wait_for_everyone()
-    if not acc.is_main_process: cache = DPOCache(out / "cache", cache.key)
-    for name in ("vae", "text_encoder", "text_encoder_2"):   # only the UNet stays on the device
-        if getattr(pipe, name, None) is not None: getattr(pipe, name).to("cpu")
-    scaling, shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet = pipe.unet
-    torch.manual_seed(cfg.seed)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-    if cfg.full_finetune:
-        import copy
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device).eval()
-        if weight_dtype != torch.float32: _cast(ref_unet, weight_dtype)
-        unet.requires_grad_(True).to(acc.device); params = list(unet.parameters())
-    else:
-        ref_unet = None
-        unet.to(acc.device)
-        if weight_dtype != torch.float32: _cast(unet, weight_dtype)   # the frozen base in half precision; LoRA stays fp32
-        params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
-    if cfg.gradient_checkpointing: unet.enable_gradient_checkpointing()
-    unet.train()
-    decay = [p for p in params if p.ndim >= 2]; other = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}) if g["params"]], lr=cfg.lr)
-    lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    fingerprint = "\n".join(f"{a}|{b}|{Path(x).name}|{Path(y).name}" for a, b, x, y in data[["instr_a", "instr_b", "image_a", "image_b"]].itertuples(index=False))
-    step, history, sig = 0, [], _signature(cfg) | {"data": _sha(fingerprint.encode())[:16]}
-    ckpts = Checkpoints(out, cfg.keep_checkpoints)
-    last, state = ckpts.resume(sig, clear=acc.is_main_process, stacklevel=2)
-    if last:
-        saved = load_file(last / "trainable.safetensors")
-        named = dict(unet.named_parameters())
-        with torch.no_grad():
-            for k, v in saved.items(): named[k].copy_(v)
-        st = torch.load(last / "state.pt", weights_only=True)
-        opt.load_state_dict(st["optimizer"]); lr_sched.load_state_dict(st["scheduler"]); torch.set_rng_state(st["rng"])
-        step, history = state["step"], state["history"]
-        log(f"resuming from checkpoint {last.name} (step {step} of {cfg.max_steps})")
-    train_unet = torch.compile(unet) if cfg.compile else unet
-    train_unet, opt, lr_sched = acc.prepare(train_unet, opt, lr_sched)
-    if trackers: acc.init_trackers("dpo", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
-    bar = progress(total=cfg.max_steps, initial=step, desc=f"dpo ({cfg.method})", disable=None if acc.is_main_process else True)
-    T = noise_sched.config.num_train_timesteps
-    while step < cfg.max_steps:
-        opt.zero_grad(set_to_none=True)
-        sums = {}
-        for micro in range(cfg.grad_accum):
-            rows = _rows(data, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes, sample_w)
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 1009 + acc.process_index)
-            batch = quad_batch(cache, rows, combos, g, T, cfg.flip, cfg.latent_sample, scaling, shift)
-            with acc.autocast():
-                e = combo_errors(train_unet, noise_sched, batch, acc.device)
-                if sft: loss, stats = sft_loss(e)
-                else:
-                    if ref_unet is not None:
-                        with torch.no_grad(): r = combo_errors(ref_unet, noise_sched, batch, acc.device)
-                    else:
-                        with reference_mode(unet): r = combo_errors(unet, noise_sched, batch, acc.device)
-                    loss, stats = cv_loss(e, r, weights, cfg.beta)
-                    if cfg.sft_weight:
-                        stats["sft"] = sft_loss(e)[0]
-                        loss = loss + cfg.sft_weight * stats["sft"]
-            acc.backward(loss / cfg.grad_accum)
-            for k, v in {"loss": loss, **stats}.items(): sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if not all(math.isfinite(v) for v in sums.values()):
-            raise FloatingPointError(f"train_dpo: non-finite values at step {step + 1} ({ {k: v for k, v in sums.items() if not math.isfinite(v)} }); "
-                                     f"nothing of this step was applied; the last good checkpoint is {ckpts.last()}")
-        gnorm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(float("nan"))
-        opt.step(); lr_sched.step()
-        step += 1
-        rec = {"step": step, **sums, "lr": lr_sched.get_last_lr()[0], "grad_norm": float(gnorm)}
-        history.append(rec)
-        if trackers: acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-        bar.update(1); bar.set_postfix(loss=f"{sums['loss']:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process: ckpts.save(step, history, sig, partial(_write_state, unet, opt, lr_sched))
-        if callback: callback(step, rec)
-    bar.close()
-    if trackers: acc.end_training()
-    unet.eval()
-    if acc.is_main_process:
-        if cfg.full_finetune: unet.save_pretrained(out / "unet", safe_serialization=True)
-        else: save_lora(unet, out, kind)
-        pd.DataFrame(history).to_csv(out / "train_log.csv", index=False)
-        log(f"dpo: {step} steps, {time.time() - t0:.0f}s")
-    return pipe, history
-
-# %% ../nbs/07_dpo.ipynb #58aa0d06
-def bench_subset(limit: int = 0) -> list:
-    "ShapesBench, or its first `limit` prompts of every category (0 = all 200)."
-    from instructengine.sandbox import load_shapesbench
-    bench = load_shapesbench()
-    if not limit: return bench
-    seen = {}
-    return [r for r in bench if seen.setdefault(r["category"], []).append(r) or len(seen[r["category"]]) <= limit]
-
-
-def shapesbench_eval(pipe, bench: list, per_prompt: int = 2, seed: int = 0, batch_size: int = 100) -> tuple:
-    "Exact match of `pipe` on ShapesBench prompts (`per_prompt` images each, seeds seed, seed+1, ...): (per-image rows, per-category table)."
-    from instructengine.sandbox import score_bench
-    from instructengine.sandbox_generator import bench_images
-    return score_bench(bench, bench_images(pipe, bench, per_prompt, seed, batch_size=batch_size))
-
-# %% ../nbs/07_dpo.ipynb #533d7b75
-def plot_bench(tables: dict, path=None, title: str = "ShapesBench exact match"):
-    "Bars per category, one colour per table (name -> per-category table with an exact_match column)."
-    import matplotlib.pyplot as plt
-    cats = list(next(iter(tables.values())).index)
-    fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    w = 0.8 / len(tables)
-    for i, (name, t) in enumerate(tables.items()):
-        ax.bar(np.arange(len(cats)) + (i - (len(tables) - 1) / 2) * w, t.loc[cats, "exact_match"], w, label=name)
-    ax.set_xticks(range(len(cats)), cats, rotation=20); ax.set_ylim(0, 1); ax.set_ylabel("exact match"); ax.set_title(title)
-    ax.legend(fontsize=8, ncols=len(tables)); fig.tight_layout()
-    if path: fig.savefig(path, dpi=90)
-    return fig
-
-# %% ../nbs/07_dpo.ipynb #420c4519
-def _bench_table(cfg: DPOConfig, bench: list, lora: str = "") -> pd.DataFrame:
-    return shapesbench_eval(load_generator(GeneratorSpec(cfg.model, lora=lora)), bench, cfg.eval_per_prompt, cfg.eval_seed)[1]
-
-
-def base_table(cfg: DPOConfig, bench: list) -> pd.DataFrame:
-    "The base generator's ShapesBench table at the run's evaluation settings, computed once into `eval/`."
-    run = RunDir(cfg.run_dir)
-    shipped = run.read_config().get("base_bench", {})   # the table 01b_sandbox_generator wrote, when its settings are ours
-    if (cfg.model == "sandbox" and not cfg.eval_limit and (run.eval / "shapesbench-base.csv").is_file() and not shipped.get("generator")
-            and (shipped.get("per_prompt"), shipped.get("seed"), shipped.get("num_inference_steps"), shipped.get("guidance_scale")) == (cfg.eval_per_prompt, cfg.eval_seed, 20, 5.0)):
-        return pd.read_csv(run.eval / "shapesbench-base.csv", index_col=0)
-    path = run.eval / (f"shapesbench-base-p{cfg.eval_per_prompt}-s{cfg.eval_seed}" + (f"-l{cfg.eval_limit}" if cfg.eval_limit else "") + ".csv")
-    if path.is_file(): return pd.read_csv(path, index_col=0)
-    t = _bench_table(cfg, bench); run.eval.mkdir(parents=True, exist_ok=True); t.to_csv(path)
-    return t
-
-
-def _summary(history: list, tail: float = 0.1) -> dict:
-    h = pd.DataFrame(history).tail(max(1, int(len(history) * tail)))
-    return {k: round(float(h[k].mean()), 4) for k in ("loss", "implicit_accuracy", "margin") if k in h}
-
-
-def run_dpo(cfg: DPOConfig, log=print) -> dict:
-    """The stage: train on the run's quads into `<run>/<out>`; on a sandbox generator, score ShapesBench before and after
-    (`eval/shapesbench-dpo.csv`, a bar plot) and, with `study`, train and score every method for `study_seeds` seeds at
-    the same image budget (`<out>/study.csv`). Results go to metrics.json under `dpo`; finished study runs are skipped."""
-    run = RunDir(cfg.run_dir)
-    run.write_config("dpo", cfg)
-    out = Path(cfg.out) if Path(cfg.out).is_absolute() else run.root / cfg.out
-    t0, data = time.time(), load_dpo_data(cfg)
-    _, history = train_dpo(cfg, data, log=log)
-    m = {"method": cfg.method, "weights": cfg.active_weights, "steps": cfg.max_steps, "quads": len(data),
-         "train_seconds": round(time.time() - t0, 1), "last_10pct": _summary(history)}
-    if cfg.eval_per_prompt:
-        bench = bench_subset(cfg.eval_limit)
-        base, t1 = base_table(cfg, bench), time.time()
-        aligned = _bench_table(cfg, bench, str(out))
-        aligned.to_csv(run.eval / "shapesbench-dpo.csv")
-        import matplotlib.pyplot as plt
-        plt.close(plot_bench({"base": base, f"aligned ({cfg.method})": aligned}, run.eval / "shapesbench-dpo.png"))
-        m["shapesbench"] = {"images_per_prompt": cfg.eval_per_prompt, "prompts": int(base.loc["overall", "prompts"]),
-                            "base": round(float(base.loc["overall", "exact_match"]), 4), "aligned": round(float(aligned.loc["overall", "exact_match"]), 4),
-                            "gain_points": round(100 * float(aligned.loc["overall", "exact_match"] - base.loc["overall", "exact_match"]), 1),
-                            "per_category_gain": (aligned["exact_match"] - base["exact_match"]).round(4).to_dict(),
-                            "eval_seconds": round(time.time() - t1, 1)}
-    if cfg.study: m["study"] = dpo_study(cfg, log=log).to_dict(orient="index")
-    run.update_metrics(m, "dpo")
-    return m
-
-# %% ../nbs/07_dpo.ipynb #94d48cf1
-def dpo_study(cfg: DPOConfig, log=print) -> pd.DataFrame:
-    """Every method of `cfg.study` x `study_seeds` seeds, each trained with the same quads, steps and batch (an equal
-    image budget) into `<out>/study/<method>-seed<k>` and scored on ShapesBench. Returns mean and std over seeds."""
-    run = RunDir(cfg.run_dir)
-    out = (Path(cfg.out) if Path(cfg.out).is_absolute() else run.root / cfg.out) / "study"
-    bench = bench_subset(cfg.eval_limit)
-    base = float(base_table(cfg, bench).loc["overall", "exact_match"])
-    rows = []
-    for method in [m.strip() for m in cfg.study.split(",") if m.strip()]:
-        for k in range(cfg.study_seeds):
-            d = out / f"{method}-seed{k}"; res = d / "result.json"
-            if not res.is_file():
-                c = cfg.with_overrides(method=method, weights={}, seed=cfg.seed + k, out=str(d.resolve()), study="")
-                _, hist = train_dpo(c, log=log)
-                t = _bench_table(c, bench, str(d))
-                atomic_write_text(res, json.dumps({"method": method, "seed": c.seed, "exact_match": float(t.loc["overall", "exact_match"]),
-                                                   "per_category": t["exact_match"].to_dict(), **_summary(hist)}))
-            r = json.loads(res.read_text()); rows.append({"method": r["method"], "seed": r["seed"], "overall": r["exact_match"], **r["per_category"]})
-    df = pd.DataFrame(rows).drop(columns="overall")
-    df["overall"] = [r["overall"] for r in rows]
-    g = df.drop(columns="seed").groupby("method", sort=False)
-    table = pd.concat({"mean": g.mean(), "std": g.std(ddof=1)}, axis=1)
-    table[("gain_points", "mean")] = 100 * (table[("mean", "overall")] - base)
-    table.to_csv(out.parent / "study.csv"); df.to_csv(out.parent / "study-runs.csv", index=False)
-    return table

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from instructengine.core import ConfigError
-from instructengine.dpo import (COMBOS, TERMS, DPOCache, DPOConfig, cv_loss, dpo_loss, load_dpo_data, model_key, render_quads,
-                                term_weights, tiny_pipeline, train_dpo)
+from instructengine.dpo import COMBOS, TERMS, DPOCache, cv_loss, dpo_loss, model_key, render_quads, term_weights, tiny_pipeline
+from instructengine.dpo_train import DPOConfig, load_dpo_data, train_dpo
 from instructengine.generate import GeneratorSpec, load_generator
 
 QUIET = dict(log=None)   # the trainer takes None for "quiet", as the other stages do
@@ -68,7 +68,7 @@ def test_cross_validation_terms():
 
 TRAIN = """
 import sys
-from instructengine.dpo import DPOConfig, train_dpo
+from instructengine.dpo_train import DPOConfig, train_dpo
 train_dpo(DPOConfig.load(sys.argv[1]), log=lambda *a: None)
 """
 
@@ -105,7 +105,8 @@ def test_sdxl_lora_round_trip(tiny, tmp_path):
     root, models = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trained, hist = train_dpo(_cfg(root, models["sdxl"], tmp_path / "xl", max_steps=3, lr=1e-2, flip=True), **QUIET)
+        # alpha 16 at rank 8, a scale of 2: the saved file must carry it, or the loader assumes alpha = rank
+        trained, hist = train_dpo(_cfg(root, models["sdxl"], tmp_path / "xl", max_steps=3, lr=1e-2, flip=True, lora_alpha=16.0), **QUIET)
         fresh = StableDiffusionXLPipeline.from_pretrained(models["sdxl"])
         fresh.load_lora_weights(tmp_path / "xl")
     for p in (trained, fresh): p.to("cpu").set_progress_bar_config(disable=True)

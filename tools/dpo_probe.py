@@ -1,4 +1,4 @@
-"""Probes of the sandbox DPO gain (07_dpo, "What the sandbox study found"): where does training data help ShapesBench?
+"""Probes of the sandbox DPO gain (07a_dpo_train, "What the sandbox study found"): where does training data help ShapesBench?
 
     # on-distribution pairs: prompts drawn from ShapesBench's categories (its own 200 prompts left out), N images each
     # from the base generator, oracle-checked; a pair is (an image that passes, one that fails) of the same prompt
@@ -30,7 +30,7 @@ os.environ.setdefault("INSTRUCTENGINE_PROGRESS", "0")
 import pandas as pd
 
 from instructengine.core import load_yaml
-from instructengine.dpo import DPOConfig, _bench_table, _summary, base_table, bench_subset, load_dpo_data, train_dpo
+from instructengine.dpo_train import DPOConfig, _bench_table, _summary, base_table, bench_subset, load_dpo_data, train_dpo
 from instructengine.generate import GeneratorSpec, aligned_weights, load_generator
 from instructengine.sandbox import CATEGORIES, caption, check, load_shapesbench, sample_scene
 from instructengine.sandbox_generator import generate
@@ -88,7 +88,7 @@ def train(folder: Path, sets: list, swap: bool):
         data = load_dpo_data(cfg)
         if swap: data = data.rename(columns={"image_a": "image_b", "image_b": "image_a"})
     t0 = time.time(); _, hist = train_dpo(cfg, data, log=lambda *a: None); secs = time.time() - t0
-    bench = bench_subset(0)   # the base table is computed once into the folder's eval/ (07_dpo's cache)
+    bench = bench_subset(0)   # the base table is computed once into the folder's eval/ (07a_dpo_train's cache)
     before, after = base_table(cfg, bench)["exact_match"], _bench_table(cfg, bench, lora=cfg.out)["exact_match"]
     gain = (100 * (after - before)).round(1)
     rec = {"name": name, "rows": len(data), "gain_points": float(gain["overall"]), "per_category": gain.drop("overall").to_dict(),
