@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from instructengine.core import ConfigError
-from instructengine.evaluate import (IMAGEREWARD_HEAD, IMAGEREWARD_MEAN, IMAGEREWARD_STD, ClipScorer, EvaluateConfig, HPSv2Scorer,
-                                     ImageRewardScorer, MPSScorer, OracleScorer, PickScoreScorer, benchmark_name, compare, convert_imagereward,
-                                     eval_jobs, format_table, imagereward_key, load_benchmark, load_drawbench, load_state_dict_file, make_scorer,
-                                     parse_scorer, relative_improvement, run_evaluate, tiny_imagereward, win_outcomes, win_rate)
+from instructengine.evaluate import (EvaluateConfig, benchmark_name, compare, eval_jobs, format_table, load_benchmark, load_drawbench,
+                                     relative_improvement, run_evaluate, win_outcomes, win_rate)
+from instructengine.scorers import (IMAGEREWARD_HEAD, IMAGEREWARD_MEAN, IMAGEREWARD_STD, ClipScorer, HPSv2Scorer, ImageRewardScorer, MPSScorer,
+                                    OracleScorer, PickScoreScorer, convert_imagereward, imagereward_key, load_state_dict_file, make_scorer,
+                                    parse_scorer, tiny_imagereward)
 from instructengine.generate import LORA_FILE
 from instructengine.sandbox import parse_caption, render
 
