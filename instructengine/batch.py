@@ -27,6 +27,7 @@ import pandas as pd
 import typer
 
 from .bench import bench
+from . import bench_diffusion as _bench_diffusion  # noqa: F401 (adds bench dpo and bench generate to the group)
 from .core import Config, ConfigError, RunDir, atomic_write_text, load_yaml, to_jsonable
 
 # %% ../nbs/09_batch.ipynb #221f1b73

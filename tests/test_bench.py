@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from instructengine.batch import app
-from instructengine.bench import (DPO_ARCHS, build_dpo_models, dpo_arch, dpo_inputs, dpo_step_fast, encode_pairs,
-                                  reference_dpo_step)
+from instructengine.bench_diffusion import (DPO_ARCHS, build_dpo_models, dpo_arch, dpo_inputs, dpo_step_fast, encode_pairs,
+                                            reference_dpo_step)
 
 OPTIONS = "device backbone images batch-size dtype layers heads loop-pairs loop-batch loop-dtype warmup seed json".split()
 
