@@ -7,7 +7,7 @@ __all__ = ['DPOConfig', 'load_dpo_data', 'balance_weights', 'train_dpo', 'bench_
            'base_table', 'run_dpo', 'dpo_study']
 
 # %% ../nbs/07a_dpo_train.ipynb #90555280
-import json, math, time
+import hashlib, json, math, time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, progress
 from .generate import GeneratorSpec, load_generator
-from .dpo import (LORA_TARGETS, DPOCache, _sha, add_lora, combo_errors, cv_loss, default_resolution, model_key, model_kind, needed_combos,
+from .dpo import (LORA_TARGETS, DPOCache, add_lora, combo_errors, cv_loss, default_resolution, model_key, model_kind, needed_combos,
                                 quad_batch, reference_mode, save_lora, sft_loss, term_weights)
 
 
@@ -206,7 +206,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     opt = torch.optim.AdamW([g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}) if g["params"]], lr=cfg.lr)
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     fingerprint = "\n".join(f"{a}|{b}|{Path(x).name}|{Path(y).name}" for a, b, x, y in data[["instr_a", "instr_b", "image_a", "image_b"]].itertuples(index=False))
-    step, history, sig = 0, [], _signature(cfg) | {"data": _sha(fingerprint.encode())[:16]}
+    step, history, sig = 0, [], _signature(cfg) | {"data": hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}
     ckpts = Checkpoints(out, cfg.keep_checkpoints)
     last, state = ckpts.resume(sig, clear=acc.is_main_process, stacklevel=2)
     if last:

@@ -7,6 +7,7 @@ script prints the model's accuracy (from `reward/test_scores.parquet`) on stable
     python tools/reward_label_stability.py runs/reward-big      # after make reward-study STUDY=runs/reward-big ...
 """
 import sys
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from instructengine.sandbox import rate
 SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
 
 
+@cache
 def readings(path: Path, instruction: str) -> list:
     "The oracle's ratings of the image as it is and shifted by one pixel each way (edges repeated)."
     a = np.asarray(Image.open(path).convert("RGB"))
@@ -33,11 +35,7 @@ def main(run: Path):
     scores = pd.read_parquet(run / "reward" / "test_scores.parquet")
     # the held-out pairs' prompts and images, from the same annotations the reward stage read
     s = scores[~scores["tie"]].merge(aspect_pairs(RunDir(run, create=False))[["id", "prompt", "image_w", "image_l"]], on="id", validate="1:1")
-    cache = {}
-    def get(path, prompt):
-        if (path, prompt) not in cache: cache[path, prompt] = readings(run / path, prompt)
-        return cache[path, prompt]
-    s["stable"] = [all(x[d] > y[d] for x, y in zip(get(w, p), get(l, p), strict=True))
+    s["stable"] = [all(x[d] > y[d] for x, y in zip(readings(run / w, p), readings(run / l, p), strict=True))
                    for w, l, p, d in zip(s.image_w, s.image_l, s.prompt, s.dimension, strict=True)]
     s["right"] = s["score_w"] > s["score_l"]
     t = s.groupby(["dimension", "stable"])["right"].agg(accuracy="mean", pairs="size").unstack("stable")
