@@ -19,6 +19,9 @@
     python tools/dpo_probe.py train runs/probe-3x beta=1000 full_finetune=true lr=1e-5 max_steps=400
     python tools/dpo_probe.py fuse runs/probe-3x/probe/beta1000-full_finetuneTrue-lr1e-05-max_steps400 runs/probe-3x/model
     python tools/dpo_probe.py data runs/probe-3x-eval124 --model runs/probe-3x/model --seed 124
+    # the text encoder trainable too (train_dpo caches text embeddings, so this is a loop of its own): the whole text
+    # tower or a LoRA on it, optionally with a UNet LoRA; --keep-uncond gives CFG's empty prompt the frozen encoder's embedding
+    python tools/dpo_probe.py train-te runs/probe --text-encoder full --lr-te 1e-4 --keep-uncond
 
 Each `train` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
@@ -27,10 +30,14 @@ import argparse, json, os, random, sys, time
 from pathlib import Path
 
 os.environ.setdefault("INSTRUCTENGINE_PROGRESS", "0")
+import numpy as np
 import pandas as pd
+import torch
 
 from instructengine.core import load_yaml
-from instructengine.dpo_train import DPOConfig, _bench_table, _summary, base_table, bench_subset, load_dpo_data, train_dpo
+from instructengine.dpo import denoise_errors, dpo_loss
+from instructengine.dpo_train import (DPOConfig, _bench_table, _summary, base_table, bench_subset, load_dpo_data, shapesbench_eval,
+                                      train_dpo)
 from instructengine.generate import GeneratorSpec, aligned_weights, load_generator
 from instructengine.sandbox import CATEGORIES, caption, check, load_shapesbench, sample_scene
 from instructengine.sandbox_generator import generate
@@ -97,6 +104,84 @@ def train(folder: Path, sets: list, swap: bool):
     print(json.dumps(rec))
 
 
+def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: float, beta: float, steps: int, batch_size: int,
+             seed: int, keep_uncond: bool):
+    """Plain Diffusion-DPO on a probe folder's pairs with the sandbox generator's text encoder trainable: `full` (every weight
+    but the token embeddings, against a frozen copy) or `lora` (rank 8 on its attention and MLP, adapters off = reference),
+    and the UNet frozen, a LoRA or whole. The prompt's embedding is computed every step; latents are the VAE means."""
+    import copy
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+    from PIL import Image
+    torch.manual_seed(seed)
+    pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
+    pairs = pd.read_parquet(folder / "pairs.parquet")
+    t0 = time.time()
+    with torch.no_grad():
+        def latents(paths):
+            x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for p in paths])
+            return torch.cat([pipe.vae.encode(x[i:i + 256]).latent_dist.mode() for i in range(0, len(x), 256)]) * pipe.vae.config.scaling_factor
+        zw, zl = latents(pairs.image_w), latents(pairs.image_l)
+    tok = lambda prompts: pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                         truncation=True, return_tensors="pt").input_ids
+    ids = tok(pairs.prompt)
+    te, un = pipe.text_encoder.requires_grad_(False), pipe.unet.requires_grad_(False)
+    ref_te, ref_un, groups = te, un, []
+    if text_encoder == "full":
+        ref_te = copy.deepcopy(te).eval()
+        ps = [p.requires_grad_(True) for n, p in te.named_parameters() if "token_embedding" not in n]
+        groups.append({"params": ps, "lr": lr_te})
+    elif text_encoder == "lora":
+        te.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+        groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": lr_te})
+    if unet == "full":
+        ref_un = copy.deepcopy(un).eval(); groups.append({"params": list(un.requires_grad_(True).parameters()), "lr": lr_unet})
+    elif unet == "lora":
+        un.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        groups.append({"params": [p for p in un.parameters() if p.requires_grad], "lr": lr_unet})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    noise_sched, g, hist = DDPMScheduler.from_config(pipe.scheduler.config), torch.Generator().manual_seed(seed), []
+    adapters = lambda on: [m.enable_adapters() if on else m.disable_adapters() for m, mode in ((te, text_encoder), (un, unet)) if mode == "lora"]
+    with torch.enable_grad():
+        for step in range(steps):
+            for grp, lr in zip(opt.param_groups, base_lrs, strict=True): grp["lr"] = lr * min(1.0, (step + 1) / 20)
+            i = torch.randint(0, len(pairs), (batch_size,), generator=g)
+            z, noise = torch.cat([zw[i], zl[i]]), torch.randn(zw[i].shape, generator=g).repeat(2, 1, 1, 1)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g).repeat(2)
+            zt, x = noise_sched.add_noise(z, noise, t), ids[i].repeat(2, 1)
+            e = denoise_errors(un(zt, t, encoder_hidden_states=te(x)[0]).sample, noise)
+            with torch.no_grad():
+                adapters(False); r = denoise_errors(ref_un(zt, t, encoder_hidden_states=ref_te(x)[0]).sample, noise); adapters(True)
+            loss, margin = dpo_loss(e[:batch_size], e[batch_size:], r[:batch_size], r[batch_size:], beta)
+            opt.zero_grad(); loss.mean().backward()
+            torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp["params"]], 1.0); opt.step()
+            hist.append({"loss": loss.mean().item(), "implicit_accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()})
+    te.eval(); un.eval()
+    secs = time.time() - t0
+    if keep_uncond and text_encoder != "none":   # CFG's unconditional half: the frozen text encoder's embedding of ""
+        empty, forward = tok([""])[0], te.forward
+        frozen = ref_te if text_encoder == "full" else None
+        def keep(input_ids, *a, **k):
+            out = forward(input_ids, *a, **k)
+            hit = (input_ids == empty.to(input_ids.device)).all(1)
+            if hit.any():
+                if frozen is None: te.disable_adapters(); base = forward(input_ids, *a, **k); te.enable_adapters()
+                else: base = frozen(input_ids, *a, **k)
+                out[0][hit] = base[0][hit]
+            return out
+        te.forward = keep
+    bench = bench_subset(0)
+    cfg = DPOConfig(run_dir=str(folder), eval_per_prompt=2, eval_seed=0)
+    before, after = base_table(cfg, bench)["exact_match"], shapesbench_eval(pipe, bench, 2, 0)[1]["exact_match"]
+    gain = (100 * (after - before)).round(1)
+    name = f"te-{text_encoder}-lr{lr_te:g}-unet-{unet}" + (f"-lr{lr_unet:g}" if unet != "none" else "") + (f"-beta{beta:g}" if beta != 1000 else "") + ("-keep_uncond" if keep_uncond else "")
+    rec = {"name": name, "rows": len(pairs), "gain_points": float(gain["overall"]), "per_category": gain.drop("overall").to_dict(),
+           "implicit_accuracy": _summary(hist).get("implicit_accuracy"), "train_s": round(secs)}
+    with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -107,8 +192,17 @@ if __name__ == "__main__":
     f = sub.add_parser("fuse"); f.add_argument("lora", type=Path); f.add_argument("out", type=Path)
     t = sub.add_parser("train"); t.add_argument("folder", type=Path); t.add_argument("sets", nargs="*", help="DPOConfig field=value")
     t.add_argument("--swap", action="store_true", help="reverse every preference (winner <-> loser)")
+    te = sub.add_parser("train-te", help="Diffusion-DPO on a probe folder's pairs with the text encoder trainable")
+    te.add_argument("folder", type=Path)
+    te.add_argument("--text-encoder", choices=["full", "lora", "none"], default="full")
+    te.add_argument("--unet", choices=["none", "lora", "full"], default="none")
+    te.add_argument("--lr-te", type=float, default=1e-4); te.add_argument("--lr-unet", type=float, default=1e-4)
+    te.add_argument("--beta", type=float, default=1000.0); te.add_argument("--steps", type=int, default=150)
+    te.add_argument("--batch-size", type=int, default=16); te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--keep-uncond", action="store_true", help="CFG's empty prompt keeps the frozen text encoder's embedding")
     a = ap.parse_args()
     if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
     elif a.cmd == "fuse": fuse(a.lora, a.out)
+    elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
     else: train(a.folder, a.sets, a.swap)
     sys.exit(0)
