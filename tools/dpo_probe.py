@@ -22,6 +22,9 @@
     # the text encoder trainable too (train_dpo caches text embeddings, so this is a loop of its own): the whole text
     # tower or a LoRA on it, optionally with a UNet LoRA; --keep-uncond gives CFG's empty prompt the frozen encoder's embedding
     python tools/dpo_probe.py train-te runs/probe --text-encoder full --lr-te 1e-4 --keep-uncond
+    # the rendered truth as the winner: every failed sample of a probe folder against a render of its prompt
+    python tools/dpo_probe.py truth runs/probe runs/probe-truth
+    python tools/dpo_probe.py train runs/probe-truth beta=1000 full_finetune=true lr=1e-5
 
 Each `train` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
@@ -67,6 +70,24 @@ def make_data(out: Path, per_category: int, images: int, seed: int, model: str =
     pd.DataFrame(pairs).to_parquet(out / "pairs.parquet")
     print(f"{len(df)} images in {time.time() - t0:.0f} s, exact match {df.ok.mean():.3f}; {len(pairs)} pairs "
           f"{pd.DataFrame(pairs).category.value_counts().to_dict()}")
+
+
+def truth(src: Path, out: Path):
+    """A probe folder whose pairs are (a render of the prompt's scene, a sample of `src` that failed the oracle): the
+    renderer as a generator that is always right. Renders the oracle rejects (a few) are left out."""
+    import shutil
+    from instructengine.sandbox import parse_caption, render
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "eval", out / "eval", dirs_exist_ok=True)   # the base table is the same
+    shutil.copy(src / "images.csv", out / "images.csv")
+    d, rows = pd.read_csv(src / "images.csv"), []
+    for i, r in enumerate(d[~d.ok].itertuples()):
+        img = render(parse_caption(r.prompt), seed=5000 + i)
+        if not check(img, r.prompt).overall: continue
+        path = (out / "truth" / f"{i}.png").resolve(); img.save(path)
+        rows.append({"prompt": r.prompt, "category": r.category, "image_w": str(path), "image_l": r.path})
+    pd.DataFrame(rows).to_parquet(out / "pairs.parquet")
+    print(f"{len(rows)} pairs: rendered truth against {(~d.ok).sum()} failed samples")
 
 
 def fuse(lora: Path, out: Path):
@@ -189,6 +210,7 @@ if __name__ == "__main__":
     d.add_argument("--per-category", type=int, default=100); d.add_argument("--images", type=int, default=4)
     d.add_argument("--seed", type=int, default=123)
     d.add_argument("--model", default="sandbox", help="the generator drawing the images: sandbox or a pipeline folder")
+    tr = sub.add_parser("truth"); tr.add_argument("src", type=Path); tr.add_argument("out", type=Path)
     f = sub.add_parser("fuse"); f.add_argument("lora", type=Path); f.add_argument("out", type=Path)
     t = sub.add_parser("train"); t.add_argument("folder", type=Path); t.add_argument("sets", nargs="*", help="DPOConfig field=value")
     t.add_argument("--swap", action="store_true", help="reverse every preference (winner <-> loser)")
@@ -203,6 +225,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
     elif a.cmd == "fuse": fuse(a.lora, a.out)
+    elif a.cmd == "truth": truth(a.src, a.out)
     elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
     else: train(a.folder, a.sets, a.swap)
     sys.exit(0)
