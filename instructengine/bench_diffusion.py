@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from .bench import _device_name, _measure, _report, _sync, bench
+from .bench import bench, device_name, finish_bench, measure, sync_device
 from .core import pick_device, pick_dtype, progress_enabled
 from .sandbox import caption, sample_scene
 
@@ -227,12 +227,12 @@ def matmul_tflops(dev, dtype=torch.bfloat16, n: int = 0, reps: int = 10, rounds:
     dev = torch.device(dev)
     n = n or (8192 if dev.type == "cuda" else 1024)
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    a @ b; _sync(dev)
+    a @ b; sync_device(dev)
     best = float("inf")
     for _ in range(rounds):
         t = time.perf_counter()
         for _ in range(reps): a @ b
-        _sync(dev)
+        sync_device(dev)
         best = min(best, (time.perf_counter() - t) / reps)
     return 2 * n**3 / best / 1e12
 
@@ -258,7 +258,7 @@ def _bench_dpo_model(name, size, dev, dt, pairs, steps, warmup, compile, channel
     opt = torch.optim.AdamW(m.params, lr=1e-5)
     loop_flops = count_flops(lambda: reference_dpo_step(m, opt, inputs, beta, dt))
     for _ in range(warmup): reference_dpo_step(m, opt, inputs, beta, dt)
-    _, loop_s, loop_mem = _measure(lambda: [reference_dpo_step(m, opt, inputs, beta, dt) for _ in range(steps)], dev)
+    _, loop_s, loop_mem = measure(lambda: [reference_dpo_step(m, opt, inputs, beta, dt) for _ in range(steps)], dev)
 
     log(f"{name}: our step ({'compiled' if compile else 'eager'}) ...")
     del opt, m.vae, m.text
@@ -273,7 +273,7 @@ def _bench_dpo_model(name, size, dev, dt, pairs, steps, warmup, compile, channel
     policy = torch.compile(unet) if compile else unet
     fast_loss, fast_margin = dpo_step_fast(unet, None, m.scheduler, cached, beta, dt, policy)
     for _ in range(warmup): dpo_step_fast(unet, opt, m.scheduler, cached, beta, dt, policy)
-    _, fast_s, fast_mem = _measure(lambda: [dpo_step_fast(unet, opt, m.scheduler, cached, beta, dt, policy) for _ in range(steps)], dev)
+    _, fast_s, fast_mem = measure(lambda: [dpo_step_fast(unet, opt, m.scheduler, cached, beta, dt, policy) for _ in range(steps)], dev)
 
     def path(secs, flop, mem, **kw):
         return kw | {"seconds_per_step": secs / steps, "pairs_per_s": pairs * steps / secs, "tflop_per_pair": flop / pairs / 1e12,
@@ -316,7 +316,7 @@ def bench_dpo(device: str = "", model: str = "all", size: str = "full", pairs: i
         gc.collect()
         if compile: torch._dynamo.reset()
         if dev.type == "cuda": torch.cuda.empty_cache()
-    name = _device_name(dev)
+    name = device_name(dev)
     applies = dev.type == "cuda" and "H100" in name and dt == torch.bfloat16 and size == "full"
     for r in results:
         r["target"] = {"pairs_per_s": DPO_TARGETS[r["model"]], "applies": applies, "met": r["fast"]["pairs_per_s"] >= DPO_TARGETS[r["model"]]}
@@ -388,7 +388,7 @@ def _bench_dpo_command(
     except (ValueError, KeyError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    _report(format_dpo_bench(r), r, json_path, all(m["check"]["agree"] for m in r["models"]))
+    finish_bench(format_dpo_bench(r), r, json_path, all(m["check"]["agree"] for m in r["models"]))
 
 # %% ../nbs/08b_bench_diffusion.ipynb #89f818ca
 def _quiet():
@@ -447,17 +447,17 @@ def bench_generate(device: str = "", model: str = "sd15", size: str = "full", im
     kw = dict(num_inference_steps=steps, guidance_scale=5.0, height=res, width=res)   # both paths, the same settings
     for _ in range(warmup): generate(ours, prompts[:batch_size], seeds[:batch_size], batch_size, **kw)
     log(f"ours: {images} images, {batch_size} a call, {dt} ...")
-    _, t_ours, mem_ours = _measure(lambda: generate(ours, prompts, seeds, batch_size, **kw), dev)
+    _, t_ours, mem_ours = measure(lambda: generate(ours, prompts, seeds, batch_size, **kw), dev)
     def loop(n):
         return [ref(prompts[i], generator=torch.Generator(dev).manual_seed(seeds[i]), **kw).images[0] for i in range(n)]
     if warmup: loop(1)
     log(f"reference loop: {loop_images} images, one a call, float32 ...")
-    looped, t_loop, mem_loop = _measure(lambda: loop(loop_images), dev)
+    looped, t_loop, mem_loop = measure(lambda: loop(loop_images), dev)
     k = min(loop_images, batch_size, 4)
     batched = generate(ref, prompts[:k], seeds[:k], k, **kw)   # the stage's path in the loop's dtype
     diff = max(int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()) for a, b in zip(batched, looped[:k], strict=True))
     ips, ipl = images / t_ours, loop_images / t_loop
-    return {"model": model, "size": size, "resolution": res, "steps": steps, "device": _device_name(dev), "dtype": str(dt).replace("torch.", ""),
+    return {"model": model, "size": size, "resolution": res, "steps": steps, "device": device_name(dev), "dtype": str(dt).replace("torch.", ""),
             "ours": {"images": images, "batch_size": batch_size, "seconds": t_ours, "images_per_s": ips, "peak_gib": mem_ours},
             "loop": {"images": loop_images, "seconds": t_loop, "images_per_s": ipl, "peak_gib": mem_loop},
             "speedup": ips / ipl, "check": {"compared": k, "max_pixel_difference": diff, "agree": diff <= 2}}
@@ -506,4 +506,4 @@ def _bench_generate_command(
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    _report(format_generate_bench(r), r, json_path, r["check"]["agree"])
+    finish_bench(format_generate_bench(r), r, json_path, r["check"]["agree"])
