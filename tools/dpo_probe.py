@@ -26,7 +26,7 @@
     python tools/dpo_probe.py truth runs/probe runs/probe-truth
     python tools/dpo_probe.py train runs/probe-truth beta=1000 full_finetune=true lr=1e-5
 
-Each `train` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
+Each `train` and `train-te` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
 """
 import argparse, json, os, random, sys, time
@@ -134,6 +134,7 @@ def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: 
     from diffusers import DDPMScheduler
     from peft import LoraConfig
     from PIL import Image
+    if text_encoder == "none" and unet == "none": raise SystemExit("train-te: --text-encoder none and --unet none leave nothing to train")
     torch.manual_seed(seed)
     pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
     pairs = pd.read_parquet(folder / "pairs.parquet")
@@ -196,7 +197,7 @@ def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: 
     cfg = DPOConfig(run_dir=str(folder), eval_per_prompt=2, eval_seed=0)
     before, after = base_table(cfg, bench)["exact_match"], shapesbench_eval(pipe, bench, 2, 0)[1]["exact_match"]
     gain = (100 * (after - before)).round(1)
-    name = f"te-{text_encoder}-lr{lr_te:g}-unet-{unet}" + (f"-lr{lr_unet:g}" if unet != "none" else "") + (f"-beta{beta:g}" if beta != 1000 else "") + ("-keep_uncond" if keep_uncond else "")
+    name = f"te-{text_encoder}" + (f"-lr{lr_te:g}" if text_encoder != "none" else "") + f"-unet-{unet}" + (f"-lr{lr_unet:g}" if unet != "none" else "") + (f"-beta{beta:g}" if beta != 1000 else "") + ("-keep_uncond" if keep_uncond else "")
     rec = {"name": name, "rows": len(pairs), "gain_points": float(gain["overall"]), "per_category": gain.drop("overall").to_dict(),
            "implicit_accuracy": _summary(hist).get("implicit_accuracy"), "train_s": round(secs)}
     with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
