@@ -25,8 +25,10 @@
     # the rendered truth as the winner: every failed sample of a probe folder against a render of its prompt
     python tools/dpo_probe.py truth runs/probe runs/probe-truth
     python tools/dpo_probe.py train runs/probe-truth beta=1000 full_finetune=true lr=1e-5
+    # no preferences at all: the generator's own recipe (stage 2, on the sandbox CLIP's 40,000 renders) run on for N steps
+    python tools/dpo_probe.py continue runs/probe --steps 1000 --lr 1e-4 --ema 0.999
 
-Each `train` and `train-te` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
+Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
 """
 import argparse, json, os, random, sys, time
@@ -204,6 +206,25 @@ def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: 
     print(json.dumps(rec))
 
 
+def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int):
+    """How far the shipped generator is from what its own supervised recipe reaches: stage 2 of `train_generator` (Min-SNR,
+    optional EMA) warm-restarted from the shipped UNet on the rendered truth for `steps` more steps, then ShapesBench."""
+    from instructengine.sandbox_clip import ClipTrainConfig, clip_data
+    from instructengine.sandbox_generator import GeneratorTrainConfig, train_unet
+    t0 = time.time()
+    (imgs, caps, _), _ = clip_data(ClipTrainConfig())
+    pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
+    cfg = GeneratorTrainConfig(refine_steps=steps, refine_lr=lr, warmup=50, seed=seed, ema_decay=ema)
+    pipe.unet, _ = train_unet(cfg, pipe.vae, pipe.text_encoder, pipe.tokenizer, imgs, caps, log=None, unet=pipe.unet, stage="refine")
+    secs, bench = time.time() - t0, bench_subset(0)
+    before = base_table(DPOConfig(run_dir=str(folder), eval_per_prompt=2, eval_seed=0), bench)["exact_match"]
+    gain = (100 * (shapesbench_eval(pipe, bench, 2, 0)[1]["exact_match"] - before)).round(1)
+    rec = {"name": f"continue-{steps}-lr{lr:g}-ema{ema:g}-seed{seed}", "rows": len(imgs), "gain_points": float(gain["overall"]),
+           "per_category": gain.drop("overall").to_dict(), "train_s": round(secs)}
+    with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -223,10 +244,15 @@ if __name__ == "__main__":
     te.add_argument("--beta", type=float, default=1000.0); te.add_argument("--steps", type=int, default=150)
     te.add_argument("--batch-size", type=int, default=16); te.add_argument("--seed", type=int, default=0)
     te.add_argument("--keep-uncond", action="store_true", help="CFG's empty prompt keeps the frozen text encoder's embedding")
+    c = sub.add_parser("continue", help="run the generator's own supervised recipe on from the shipped weights, then ShapesBench")
+    c.add_argument("folder", type=Path, help="a probe folder: its eval/ holds the base table, its probe-results.jsonl the result")
+    c.add_argument("--steps", type=int, default=1000); c.add_argument("--lr", type=float, default=1e-4)
+    c.add_argument("--ema", type=float, default=0.999); c.add_argument("--seed", type=int, default=7)
     a = ap.parse_args()
     if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
     elif a.cmd == "fuse": fuse(a.lora, a.out)
     elif a.cmd == "truth": truth(a.src, a.out)
+    elif a.cmd == "continue": continue_training(a.folder, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
     else: train(a.folder, a.sets, a.swap)
     sys.exit(0)
