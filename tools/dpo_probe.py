@@ -35,12 +35,11 @@ import argparse, json, os, random, sys, time
 from pathlib import Path
 
 os.environ.setdefault("INSTRUCTENGINE_PROGRESS", "0")
-import numpy as np
 import pandas as pd
 import torch
 
 from instructengine.core import load_yaml
-from instructengine.dpo import denoise_errors, dpo_loss
+from instructengine.dpo import DPOCache, default_resolution, denoise_errors, dpo_loss, model_key
 from instructengine.dpo_train import (DPOConfig, _bench_table, _summary, base_table, bench_subset, load_dpo_data, shapesbench_eval,
                                       train_dpo)
 from instructengine.generate import GeneratorSpec, aligned_weights, load_generator
@@ -135,17 +134,15 @@ def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: 
     import copy
     from diffusers import DDPMScheduler
     from peft import LoraConfig
-    from PIL import Image
     if text_encoder == "none" and unet == "none": raise SystemExit("train-te: --text-encoder none and --unet none leave nothing to train")
     torch.manual_seed(seed)
     pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
     pairs = pd.read_parquet(folder / "pairs.parquet")
     t0 = time.time()
-    with torch.no_grad():
-        def latents(paths):
-            x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for p in paths])
-            return torch.cat([pipe.vae.encode(x[i:i + 256]).latent_dist.mode() for i in range(0, len(x), 256)]) * pipe.vae.config.scaling_factor
-        zw, zl = latents(pairs.image_w), latents(pairs.image_l)
+    res = default_resolution(pipe)   # the trainer's latent cache; text embeddings are computed every step here
+    cache = DPOCache(folder / "probe" / "cache", model_key("sandbox", pipe, res))
+    cache.fill(pipe, list(pairs.image_w) + list(pairs.image_l), [], res)
+    zw, zl = (cache.latents(list(pairs[c]), sample=False, scaling=pipe.vae.config.scaling_factor)[0] for c in ("image_w", "image_l"))
     tok = lambda prompts: pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                          truncation=True, return_tensors="pt").input_ids
     ids = tok(pairs.prompt)
