@@ -100,6 +100,20 @@ def fuse(lora: Path, out: Path):
     print(f"{lora} fused into {out}")
 
 
+def record(folder: Path, name: str, rows: int, after, secs: float, hist: list = None, model: str = "sandbox"):
+    """Score against the base `model` (ShapesBench, 200 prompts x 2 images, seeds 0-1; its table cached in the folder's eval/),
+    append the result to <folder>/probe-results.jsonl and print it. `after` is a per-category table or a pipeline."""
+    bench = bench_subset(0)
+    before = base_table(DPOConfig(run_dir=str(folder), model=model, eval_per_prompt=2, eval_seed=0), bench)["exact_match"]
+    if not isinstance(after, pd.DataFrame): after = shapesbench_eval(after, bench, 2, 0)[1]
+    gain = (100 * (after["exact_match"] - before)).round(1)
+    rec = {"name": name, "rows": rows, "gain_points": float(gain["overall"]), "per_category": gain.drop("overall").to_dict()}
+    if hist is not None: rec["implicit_accuracy"] = _summary(hist).get("implicit_accuracy")
+    rec["train_s"] = round(secs)
+    with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec))
+
+
 def train(folder: Path, sets: list, swap: bool):
     kw = {k: load_yaml(v) for k, v in (s.split("=", 1) for s in sets)}
     name = "-".join(f"{k}{v}" for k, v in kw.items()) + ("-swapped" if swap else "") or "defaults"
@@ -117,13 +131,7 @@ def train(folder: Path, sets: list, swap: bool):
         data = load_dpo_data(cfg)
         if swap: data = data.rename(columns={"image_a": "image_b", "image_b": "image_a"})
     t0 = time.time(); _, hist = train_dpo(cfg, data, log=lambda *a: None); secs = time.time() - t0
-    bench = bench_subset(0)   # the base table is computed once into the folder's eval/ (07a_dpo_train's cache)
-    before, after = base_table(cfg, bench)["exact_match"], _bench_table(cfg, bench, lora=cfg.out)["exact_match"]
-    gain = (100 * (after - before)).round(1)
-    rec = {"name": name, "rows": len(data), "gain_points": float(gain["overall"]), "per_category": gain.drop("overall").to_dict(),
-           "implicit_accuracy": _summary(hist).get("implicit_accuracy"), "train_s": round(secs)}
-    with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec))
+    record(folder, name, len(data), _bench_table(cfg, bench_subset(0), lora=cfg.out), secs, hist, cfg.model)
 
 
 def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: float, beta: float, steps: int, batch_size: int,
@@ -192,15 +200,8 @@ def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: 
                 out[0][hit] = base[0][hit]
             return out
         te.forward = keep
-    bench = bench_subset(0)
-    cfg = DPOConfig(run_dir=str(folder), eval_per_prompt=2, eval_seed=0)
-    before, after = base_table(cfg, bench)["exact_match"], shapesbench_eval(pipe, bench, 2, 0)[1]["exact_match"]
-    gain = (100 * (after - before)).round(1)
     name = f"te-{text_encoder}" + (f"-lr{lr_te:g}" if text_encoder != "none" else "") + f"-unet-{unet}" + (f"-lr{lr_unet:g}" if unet != "none" else "") + (f"-beta{beta:g}" if beta != 1000 else "") + ("-keep_uncond" if keep_uncond else "")
-    rec = {"name": name, "rows": len(pairs), "gain_points": float(gain["overall"]), "per_category": gain.drop("overall").to_dict(),
-           "implicit_accuracy": _summary(hist).get("implicit_accuracy"), "train_s": round(secs)}
-    with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec))
+    record(folder, name, len(pairs), pipe, secs, hist)
 
 
 def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int):
@@ -213,13 +214,7 @@ def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int
     pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
     cfg = GeneratorTrainConfig(refine_steps=steps, refine_lr=lr, warmup=50, seed=seed, ema_decay=ema)
     pipe.unet, _ = train_unet(cfg, pipe.vae, pipe.text_encoder, pipe.tokenizer, imgs, caps, log=None, unet=pipe.unet, stage="refine")
-    secs, bench = time.time() - t0, bench_subset(0)
-    before = base_table(DPOConfig(run_dir=str(folder), eval_per_prompt=2, eval_seed=0), bench)["exact_match"]
-    gain = (100 * (shapesbench_eval(pipe, bench, 2, 0)[1]["exact_match"] - before)).round(1)
-    rec = {"name": f"continue-{steps}-lr{lr:g}-ema{ema:g}-seed{seed}", "rows": len(imgs), "gain_points": float(gain["overall"]),
-           "per_category": gain.drop("overall").to_dict(), "train_s": round(secs)}
-    with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec))
+    record(folder, f"continue-{steps}-lr{lr:g}-ema{ema:g}-seed{seed}", len(imgs), pipe, time.time() - t0)
 
 
 if __name__ == "__main__":
