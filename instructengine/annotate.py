@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import (Config, ConfigError, ImageStore, from_hub, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256,
+from .core import (Config, ConfigError, ImageStore, from_hub, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256, process_state,
                                  pick_device, pick_dtype, progress, to_pil)
 from .sandbox import ASPECTS, bootstrap_ci, check, parse_caption, rate as oracle_rate, read_image
 from .taxonomy import ChatClient, ChatEndpointConfig, DiskCache, ModelUnavailable, extract_json, load_prompt_file
@@ -695,8 +695,7 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     """The stage: every judge annotates every image (resumable, sharded over accelerate's processes); then, on the main
     process, the rules turn the candidate quads into `quads.parquet` and `pairs.parquet`, with the rejections, the
     judges' agreement with the reference and the counts in `metrics.json`."""
-    from accelerate import PartialState
-    state = PartialState()
+    state = process_state()
     run = RunDir(cfg.run_dir)
     for need, stage in ((run.instructions, "taxonomy"), (run.image_records, "generate")):
         if not need.is_file(): raise FileNotFoundError(f"{need} does not exist: run the {stage} stage first")

@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['RUN_LAYOUT', 'ConfigError', 'load_yaml', 'dump_yaml', 'to_jsonable', 'Config', 'seed_everything', 'pick_device',
-           'pick_dtype', 'make_accelerator', 'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir',
-           'RecordLog', 'RecordStore', 'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore',
-           'Checkpoints', 'progress_enabled', 'progress', 'hub_offline', 'hub_kwargs', 'from_hub']
+           'pick_dtype', 'make_accelerator', 'process_state', 'mean_over_processes', 'atomic_write_bytes',
+           'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'RecordStore', 'ImageStoreError', 'StoredImage',
+           'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints', 'progress_enabled', 'progress', 'hub_offline',
+           'hub_kwargs', 'from_hub']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import contextlib
@@ -269,6 +270,25 @@ def make_accelerator(mixed_precision: str = "no", **kwargs):
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state()   # the precision of an earlier run; PartialState (processes, devices) stays
     return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
+def process_state():
+    """accelerate's `PartialState`: this process's index, how many share the work, and the device. Under `torchrun` with
+    `ACCELERATE_USE_CPU=1` the processes share the work on the CPU, as `Accelerator` does (PartialState alone does not
+    read that variable)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def mean_over_processes(acc, values: dict) -> dict:
+    """Each number of `values` averaged over the processes of `acc` (as it is on one process). The trainers log these
+    means, so the figures are those of the whole batch, and every process then sees the same loss: a non-finite value
+    stops them all together instead of leaving the others waiting in the next gradient sync."""
+    if acc.num_processes == 1: return dict(values)
+    import torch
+    t = acc.reduce(torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=acc.device), reduction="mean")
+    return dict(zip(values, t.tolist(), strict=True))
 
 # %% ../nbs/00_core.ipynb #05c02c98
 def atomic_write_bytes(path, data: bytes) -> Path:

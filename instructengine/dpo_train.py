@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, progress
+from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, mean_over_processes, progress
 from .generate import GeneratorSpec, load_generator
 from .dpo import (LORA_TARGETS, DPOCache, add_lora, combo_errors, cv_loss, default_resolution, model_key, model_kind, needed_combos,
                                 quad_batch, reference_mode, save_lora, sft_loss, term_weights)
@@ -111,16 +111,26 @@ def balance_weights(data: pd.DataFrame, column: str = "") -> torch.Tensor:
     return torch.tensor((1.0 / counts).to_numpy(), dtype=torch.float64)
 
 
-def _rows(data: pd.DataFrame, index: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, weights=None) -> pd.DataFrame:
+def _rows(data: pd.DataFrame, index: int, batch_size: int, seed: int, weights=None) -> pd.DataFrame:
     """Micro-batch `index` of the run: epochs are permutations drawn from the seed and the epoch number (with `weights`,
     a weighted draw from the seed and the index), so any batch can be found again."""
     if weights is not None:
         pick = torch.multinomial(weights, batch_size, replacement=True, generator=torch.Generator().manual_seed(seed * 100003 + index))
-        return data.iloc[pick[rank::world].tolist()]
+        return data.iloc[pick.tolist()]
     per_epoch = max(1, len(data) // batch_size)
     epoch, k = divmod(index, per_epoch)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return data.iloc[order[k * batch_size:(k + 1) * batch_size][rank::world].tolist()]
+    return data.iloc[order[k * batch_size:(k + 1) * batch_size].tolist()]
+
+
+def _shard(batch: dict, rank: int, world: int) -> dict:
+    """Process `rank`'s share of a combo-major batch: every `world`-th quad, with the latents, noise and timesteps drawn
+    for the whole batch. So a run on several processes sees the inputs of the run on one, and only the order in which
+    gradients are summed differs."""
+    if world == 1: return batch
+    k = len(batch["combos"]); n = len(batch["timesteps"]) // k
+    idx = torch.tensor([c * n + j for c in range(k) for j in range(rank, n, world)])
+    return {key: v if key == "combos" or v is None else v[idx] for key, v in batch.items()}
 
 
 def _signature(cfg: DPOConfig) -> dict:
@@ -170,6 +180,8 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     from accelerate.utils import ProjectConfiguration
     acc = make_accelerator(mp, log_with=trackers or None,
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    if cfg.batch_size % acc.num_processes:
+        raise ConfigError(f"DPOConfig.batch_size = {cfg.batch_size}: expected a multiple of the {acc.num_processes} processes, which take equal shares of every batch")
     data = data if data is not None else load_dpo_data(cfg)
     weights, sft = cfg.active_weights, cfg.method == "sft"
     combos = needed_combos(weights, sft)
@@ -227,9 +239,10 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
         opt.zero_grad(set_to_none=True)
         sums = {}
         for micro in range(cfg.grad_accum):
-            rows = _rows(data, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes, sample_w)
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 1009 + acc.process_index)
-            batch = quad_batch(cache, rows, combos, g, T, cfg.flip, cfg.latent_sample, scaling, shift)
+            index = step * cfg.grad_accum + micro   # every process draws the whole micro-batch, then takes its share
+            rows = _rows(data, index, cfg.batch_size, cfg.seed, sample_w)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index * 1009)
+            batch = _shard(quad_batch(cache, rows, combos, g, T, cfg.flip, cfg.latent_sample, scaling, shift), acc.process_index, acc.num_processes)
             with acc.autocast():
                 e = combo_errors(train_unet, noise_sched, batch, acc.device)
                 if sft: loss, stats = sft_loss(e)
@@ -244,6 +257,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
                         loss = loss + cfg.sft_weight * stats["sft"]
             acc.backward(loss / cfg.grad_accum)
             for k, v in {"loss": loss, **stats}.items(): sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        sums = mean_over_processes(acc, sums)   # the whole batch's figures, the same on every process
         if not all(math.isfinite(v) for v in sums.values()):
             raise FloatingPointError(f"train_dpo: non-finite values at step {step + 1} ({ {k: v for k, v in sums.items() if not math.isfinite(v)} }); "
                                      f"nothing of this step was applied; the last good checkpoint is {ckpts.last()}")

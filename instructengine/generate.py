@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusers import (AutoPipelineForText2Image, DiffusionPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
-from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, from_hub, pick_device, pick_dtype, progress
+from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, from_hub, pick_device, pick_dtype, process_state, progress
 from .sandbox_generator import generate, load_sandbox_generator, warn_long_prompts
 
 # %% ../nbs/03_generate.ipynb #2e7ae66d
@@ -125,8 +125,7 @@ class GenerateConfig(Config):
 
 def run_generate(cfg: GenerateConfig) -> dict:
     "The stage: images for both sides of every pair in `instructions.jsonl`, resumable, sharded over accelerate's processes."
-    from accelerate import PartialState
-    state = PartialState()
+    state = process_state()
     run = RunDir(cfg.run_dir)
     if state.is_main_process: run.write_config("generate", cfg)
     if not run.instructions.is_file(): raise FileNotFoundError(f"{run.instructions} does not exist: run the taxonomy stage first")

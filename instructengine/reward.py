@@ -41,8 +41,9 @@ class ClipBackbone(nn.Module):
     and of the EOS token (B, D); `encode_image(pixels, norm)` -> projected features of every image token, CLS first (B, P, D);
     `valid(ids)` -> (B, T) True for the tokens from BOS to EOS; `tokenize(texts)` -> ids; `token_embeddings(ids)` -> the
     context-free input embeddings (B, T, W); `pixels(images)` -> the CLIP's preprocessing of PIL images; `logit_scale`;
-    and, for freezing, `is_text_param(name)`, `blocks()` (the text and vision blocks) and `heads()` (final norms,
-    projections, logit scale)."""
+    and, for freezing, `is_text_param(name)`, `blocks()` (the text and vision blocks), `heads()` (final norms,
+    projections, logit scale) and `image_norm()` (the vision tower's final norm, which `unused()` lists when `patch_norm`
+    is off)."""
     def __init__(self, model, tokenizer, preprocess=None, patch_norm: bool = False):
         super().__init__()
         self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
@@ -55,6 +56,11 @@ class ClipBackbone(nn.Module):
     def pixels(self, images: list) -> torch.Tensor:
         "PIL images -> the (B, 3, H, W) float tensor this CLIP expects."
         return torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+
+    def unused(self) -> list:
+        """Parameters that no score depends on: the vision tower's final norm when `patch_norm` is off, since MPS reads the
+        image tokens before it. Training freezes them: they would get no gradient, and DDP stops on parameters without one."""
+        return [] if self.patch_norm else list(self.image_norm().parameters())
 
     def special_ids(self) -> set:
         "Token ids that are not words: start, end and padding."
@@ -81,6 +87,8 @@ class OpenClipBackbone(ClipBackbone):
         return name.startswith(("token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection"))
 
     def blocks(self) -> tuple: return self.model.transformer.resblocks, self.model.visual.transformer.resblocks
+
+    def image_norm(self) -> nn.Module: return self.model.visual.ln_post
 
     def heads(self) -> list:
         m = self.model
@@ -114,6 +122,8 @@ class HFClipBackbone(ClipBackbone):
     def is_text_param(self, name: str) -> bool: return name.startswith(("text_model.", "text_projection"))
 
     def blocks(self) -> tuple: return self.model.text_model.encoder.layers, self.model.vision_model.encoder.layers
+
+    def image_norm(self) -> nn.Module: return self.model.vision_model.post_layernorm
 
     def heads(self) -> list:
         m = self.model

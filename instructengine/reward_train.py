@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .annotate import Judgments, images_by_side, pairs_frame, read_pairs
-from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, make_accelerator, progress, to_jsonable
+from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, make_accelerator, mean_over_processes, progress, to_jsonable
 from .reward import ClipBackbone, MPSConfig, MPSModel, pairwise_accuracy, preference_loss, save_reward
 from .sandbox import ASPECTS
 
@@ -72,7 +72,8 @@ def split_pairs(pairs: pd.DataFrame, test_fraction: float = 0.2, seed: int = 0, 
 def freeze_backbone(backbone: ClipBackbone, mode: str = "none") -> dict:
     """Which CLIP parameters train: 'none' (MPS: all of them), 'text' (the text tower frozen), 'all-but-last-N' (every
     block of both towers frozen but the last N, the final norms and projections training), 'all' (only the fusion layers
-    train). Returns counts of trainable and frozen backbone parameters."""
+    train). Parameters that no score depends on (`backbone.unused()`: the vision tower's final norm, which MPS skips)
+    are frozen in every mode. Returns counts of trainable and frozen backbone parameters."""
     m = backbone.model
     for p in m.parameters(): p.requires_grad_(mode != "all")
     if mode == "text":
@@ -86,6 +87,7 @@ def freeze_backbone(backbone: ClipBackbone, mode: str = "none") -> dict:
         for p in m.parameters(): p.requires_grad_(id(p) in top)
     elif mode not in ("none", "all"):
         raise ConfigError(f"freeze = {mode!r}: expected 'none', 'text', 'all' or 'all-but-last-N' with N a number")
+    for p in backbone.unused(): p.requires_grad_(False)
     n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
     return {"trainable": n_train, "frozen": sum(p.numel() for p in m.parameters()) - n_train}
 
@@ -179,7 +181,8 @@ def _train_signature(cfg: RewardTrainConfig) -> dict:
 
 def _batch(data: pd.DataFrame, index: int, cfg: RewardTrainConfig, rank: int = 0, world: int = 1) -> pd.DataFrame:
     """Micro-batch number `index` of the whole run: epochs are permutations of the rows drawn from `seed` and the epoch
-    number, so any batch can be found again after a restart. Each process takes every `world`-th row of it."""
+    number, so any batch can be found again after a restart. Each process takes every `world`-th row of it, so a run on
+    several processes sees the batches of the run on one."""
     per_epoch = max(1, len(data) // cfg.batch_size)
     epoch, k = divmod(index, per_epoch)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
@@ -210,6 +213,8 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     out, root = _out_dir(cfg), Path(root or cfg.run_dir)
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     acc = make_accelerator(mp)
+    if cfg.batch_size % acc.num_processes:
+        raise ConfigError(f"RewardTrainConfig.batch_size = {cfg.batch_size}: expected a multiple of the {acc.num_processes} processes, which take equal shares of every batch")
     torch.manual_seed(cfg.seed)
     model = model if model is not None else MPSModel(cfg.model)
     freeze_backbone(model.backbone, cfg.freeze)
@@ -251,6 +256,8 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
             loss_sum += float(loss.detach()) / cfg.grad_accum
             decided = label != 0.5
             right += int(((sw > sl) & decided).sum()); n += int(decided.sum())
+        m = mean_over_processes(acc, {"loss": loss_sum, "right": right, "n": n})   # the whole batch's figures, the same on every process
+        loss_sum, right, n = m["loss"], m["right"], m["n"]
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"train_reward: the loss is {loss_sum} at step {step}; the last good checkpoint is {ckpts.last()}")
         gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -11,6 +11,7 @@ import warnings
 
 import pandas as pd
 import pytest
+from _processes import run_processes
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -98,6 +99,42 @@ def test_killed_training_resumes_to_the_same_losses(tiny, tmp_path):
     with pytest.warns(UserWarning, match="other training parameters.*starting over"):
         _, other = train_dpo(cfg.with_overrides(beta=100.0, max_steps=2), **QUIET)
     assert [h["step"] for h in other] == [1, 2]
+
+
+TRAIN_JSON = """
+import json, sys
+from instructengine.core import process_state
+from instructengine.dpo_train import DPOConfig, train_dpo
+_, h = train_dpo(DPOConfig.from_yaml(open(sys.argv[1]).read()), log=None)
+s = process_state(); print("RESULT " + json.dumps({"rank": s.process_index, "world": s.num_processes, "history": h}))
+"""
+
+
+@pytest.mark.parametrize("method", ["cv", "sft"])
+def test_two_processes_train_like_one(tiny, tmp_path, method):
+    """DDP on two CPU processes: each takes every other quad of a batch, with the noise and timesteps drawn for the whole
+    batch, and the logged figures are the whole batch's, so the run follows the one-process run."""
+    root, models = tiny
+    script = tmp_path / "train.py"; script.write_text(TRAIN_JSON)
+    runs = {}
+    for n in (1, 2):
+        cfg = _cfg(root, models["sd"], tmp_path / f"p{n}", method=method)
+        cfg.save(tmp_path / f"p{n}.yaml")
+        runs[n] = run_processes(script, tmp_path / f"p{n}.yaml", n=n)
+    assert runs[2][0]["history"] == runs[2][1]["history"]       # both processes log the same, whole-batch figures
+    one, two = runs[1][0]["history"], runs[2][0]["history"]
+    for a, b in zip(one[:2], two[:2], strict=False):               # before any update: the same gradient, summed in another order
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True))
+    print(f"{method}: largest loss difference over {len(one)} steps, two processes against one: {gap:.1e}")
+    # SFT's loss is the denoising error, so rounding stays at rounding; DPO's logit multiplies differences of errors by
+    # beta/2 = 2,500, so a one-ulp difference in an error (1.2e-7, from kernels that depend on the batch size) moves it by ~3e-4
+    assert gap <= (1e-4 if method == "sft" else 2e-3), (one, two)
+    assert (tmp_path / "p2" / "pytorch_lora_weights.safetensors").is_file() and not list((tmp_path / "p2" / "checkpoints").glob("*.tmp"))
+    if method == "sft": return
+    with pytest.raises(Exception, match=r"batch_size = 3: expected a multiple of the 2 processes"):
+        _cfg(root, models["sd"], tmp_path / "odd", batch_size=3).save(tmp_path / "odd.yaml")
+        run_processes(script, tmp_path / "odd.yaml", n=2)
 
 
 def test_sdxl_lora_round_trip(tiny, tmp_path):

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from _processes import run_processes
 import torch
 from safetensors.torch import save_file
 
@@ -126,6 +127,27 @@ def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
     with pytest.warns(UserWarning, match="other training parameters.*starting over"):
         _, other = train_reward(cfg.with_overrides(lr=1e-2, max_steps=3), pairs, log=lambda *a: None)
     assert [h["step"] for h in other] == [1, 2, 3] and other[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-6)
+
+
+def test_two_processes_train_like_one(lesson_run, tmp_path):
+    """DDP on two CPU processes: each scores every other pair of a batch, and the logged figures are the whole batch's,
+    so the run follows the one-process run (only the order of sums differs)."""
+    from safetensors.torch import load_file
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN + "from instructengine.core import process_state\nimport json\n_, h = train_reward(cfg, pd.read_parquet(sys.argv[2]), log=None)\n"
+                      "s = process_state(); print('RESULT ' + json.dumps({'rank': s.process_index, 'world': s.num_processes, 'history': h}))\n")
+    runs = {}
+    for n in (1, 2):
+        (tmp_path / f"p{n}.yaml").write_text(_cfg(lesson_run, tmp_path / f"p{n}").to_yaml())
+        runs[n] = run_processes(script, tmp_path / f"p{n}.yaml", lesson_run / "pairs.parquet", n=n)
+    assert runs[2][0]["history"] == runs[2][1]["history"]
+    one, two = runs[1][0]["history"], runs[2][0]["history"]
+    gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True))
+    print(f"largest loss difference over {len(one)} steps, two processes against one: {gap:.1e}")
+    assert gap <= 1e-5 and [h["accuracy"] for h in one] == [h["accuracy"] for h in two], (one, two)
+    assert all(b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) for a, b in zip(one, two, strict=True))
+    w1, w2 = load_file(tmp_path / "p1" / "model.safetensors"), load_file(tmp_path / "p2" / "model.safetensors")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
 
 
 def test_nothing_held_out_trains_on_every_pair(lesson_run, tmp_path):
