@@ -229,7 +229,7 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     groups = [g | {"lr": cfg.lr, "base_lr": cfg.lr} for g in decay(fusion, cfg.weight_decay)] + \
              [g | {"lr": cfg.backbone_lr, "base_lr": cfg.backbone_lr} for g in decay(bb, cfg.weight_decay)]
     opt = torch.optim.AdamW([g for g in groups if g["params"]])
-    step, history, sig = 0, [], _train_signature(cfg)
+    step, history, sig = 0, [], _train_signature(cfg) | {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     ckpts = Checkpoints(out, cfg.keep_checkpoints)
     last, state = ckpts.resume(sig, clear=acc.is_main_process, stacklevel=3)
     if last:
