@@ -137,6 +137,17 @@ def test_two_processes_train_like_one(tiny, tmp_path, method):
         run_processes(script, tmp_path / "odd.yaml", n=2)
 
 
+def test_gradient_checkpointing_changes_nothing_and_tensorboard_logs(tiny, tmp_path):
+    root, models = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, plain = train_dpo(_cfg(root, models["sd"], tmp_path / "plain", max_steps=4), **QUIET)
+        _, ckpt = train_dpo(_cfg(root, models["sd"], tmp_path / "gc", max_steps=4, gradient_checkpointing=True, tensorboard=True), **QUIET)
+    assert [h["loss"] for h in ckpt] == pytest.approx([h["loss"] for h in plain], abs=1e-6) and plain[2]["loss"] != plain[0]["loss"]
+    assert list((tmp_path / "gc" / "logs" / "dpo").glob("events.out.tfevents.*"))   # TensorBoard's event file
+    assert pd.read_csv(tmp_path / "gc" / "train_log.csv")["step"].tolist() == [1, 2, 3, 4]
+
+
 def test_sdxl_lora_round_trip(tiny, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     root, models = tiny
