@@ -7,7 +7,7 @@ __all__ = ['DPOConfig', 'load_dpo_data', 'balance_weights', 'train_dpo', 'bench_
            'base_table', 'run_dpo', 'dpo_study']
 
 # %% ../nbs/07a_dpo_train.ipynb #90555280
-import hashlib, json, math, time
+import hashlib, json, math, shutil, time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, mean_over_processes, progress
-from .generate import GeneratorSpec, load_generator
+from .generate import LORA_FILE, GeneratorSpec, load_generator
 from .dpo import (LORA_TARGETS, DPOCache, add_lora, combo_errors, cv_loss, default_resolution, model_key, model_kind, needed_combos,
                                 quad_batch, reference_mode, save_lora, sft_loss, term_weights)
 
@@ -56,7 +56,7 @@ class DPOConfig(Config):
     latent_sample: bool = False     # draw the latents from the cached VAE distribution each step (False: take its mean)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    log_every: int = 10
+    log_every: int = 10             # steps between TensorBoard points (train_log.csv has every step)
     tensorboard: bool = True        # also log to TensorBoard (when installed), beside train_log.csv
     seed: int = 0
     out: str = "dpo"                # relative to run_dir
@@ -104,9 +104,10 @@ def load_dpo_data(cfg: DPOConfig, root=None) -> pd.DataFrame:
 def balance_weights(data: pd.DataFrame, column: str = "") -> torch.Tensor:
     "Sampling weights that draw every value of `column` equally often (None for uniform). 'theme' reads the part of pair_id before '/'."
     if not column: return None
-    if column == "theme" and "theme" not in data: values = data["pair_id"].astype(str).str.split("/").str[0]
+    if column == "theme" and "theme" not in data and "pair_id" in data: values = data["pair_id"].astype(str).str.split("/").str[0]
     elif column in data: values = data[column].astype(str)
-    else: raise ValueError(f"balance column {column!r}: not a column of the quads ({', '.join(data.columns)})")
+    else: raise ValueError(f"balance column {column!r}: not a column of the training rows ({', '.join(data.columns)})"
+                           + ("; 'theme' is read from the quads' pair_id, which these rows lack" if column == "theme" else ""))
     counts = values.map(values.value_counts())
     return torch.tensor((1.0 / counts).to_numpy(), dtype=torch.float64)
 
@@ -261,12 +262,16 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
         if not all(math.isfinite(v) for v in sums.values()):
             raise FloatingPointError(f"train_dpo: non-finite values at step {step + 1} ({ {k: v for k, v in sums.items() if not math.isfinite(v)} }); "
                                      f"nothing of this step was applied; the last good checkpoint is {ckpts.last()}")
-        gnorm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(float("nan"))
+        gnorm = float(acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        if not math.isfinite(gnorm) and mp != "fp16":   # fp16's loss scaler skips such a step by itself
+            raise FloatingPointError(f"train_dpo: non-finite gradients at step {step + 1} (norm {gnorm}) under a finite loss; "
+                                     f"nothing of this step was applied; the last good checkpoint is {ckpts.last()}")
         opt.step(); lr_sched.step()
         step += 1
-        rec = {"step": step, **sums, "lr": lr_sched.get_last_lr()[0], "grad_norm": float(gnorm)}
+        rec = {"step": step, **sums, "lr": lr_sched.get_last_lr()[0], "grad_norm": gnorm}
         history.append(rec)
-        if trackers: acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+        if trackers and (step % cfg.log_every == 0 or step == cfg.max_steps):   # train_log.csv has every step
+            acc.log({k: v for k, v in rec.items() if k != "step"}, step=step)
         bar.update(1); bar.set_postfix(loss=f"{sums['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             acc.wait_for_everyone()
@@ -278,6 +283,10 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     if acc.is_main_process:
         if cfg.full_finetune: unet.save_pretrained(out / "unet", safe_serialization=True)
         else: save_lora(unet, out, kind)
+        stale = out / (LORA_FILE if cfg.full_finetune else "unet")   # an earlier run's other kind would shadow this one
+        if stale.exists():
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            log(f"removed {stale.name} of an earlier run: {out} now holds this run's {'UNet' if cfg.full_finetune else 'LoRA'} only")
         pd.DataFrame(history).to_csv(out / "train_log.csv", index=False)
         log(f"dpo: {step} steps, {time.time() - t0:.0f}s")
     return pipe, history

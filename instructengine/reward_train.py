@@ -112,7 +112,7 @@ class RewardTrainConfig(Config):
     backbone_lr: float = 1e-5     # the CLIP, when it trains
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0        # largest gradient norm (0: no clipping)
     freeze: str = "none"          # "none" (MPS), "text", "all" or "all-but-last-N"
     mixed_precision: str = "auto" # "no", "bf16", or "auto" (bf16 on a GPU)
     checkpoint_every: int = 100   # optimizer steps
@@ -259,11 +259,13 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
         m = mean_over_processes(acc, {"loss": loss_sum, "right": right, "n": n})   # the whole batch's figures, the same on every process
         loss_sum, right, n = m["loss"], m["right"], m["n"]
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"train_reward: the loss is {loss_sum} at step {step}; the last good checkpoint is {ckpts.last()}")
-        gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            raise FloatingPointError(f"train_reward: the loss is {loss_sum} at step {step + 1}; nothing of this step was applied; the last good checkpoint is {ckpts.last()}")
+        gnorm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))   # 0: no clipping
+        if not math.isfinite(gnorm) and mp != "fp16":   # fp16's loss scaler skips such a step by itself
+            raise FloatingPointError(f"train_reward: non-finite gradients at step {step + 1} (norm {gnorm}) under a finite loss; the last good checkpoint is {ckpts.last()}")
         opt.step()
         step += 1
-        rec = {"step": step, "loss": loss_sum, "accuracy": right / n if n else float("nan"), "lr": cfg.lr * f, "grad_norm": float(gnorm)}
+        rec = {"step": step, "loss": loss_sum, "accuracy": right / n if n else float("nan"), "lr": cfg.lr * f, "grad_norm": gnorm}
         history.append(rec)
         bar.update(1); bar.set_postfix(loss=f"{loss_sum:.4f}")
         if step % cfg.checkpoint_every == 0 or step == total:
@@ -416,8 +418,11 @@ def reward_ablations(cfg: RewardTrainConfig, train: pd.DataFrame, test: pd.DataF
         elif change == "per_dimension":
             acc = {}
             dims = cfg.dimensions or list(cfg.model.conditions)
-            share = train["dimension"].map(lambda x: (cfg.dimension_map or {}).get(x, x)).value_counts(normalize=True)
+            used = train if cfg.ties else train[~train["tie"]]
+            share = used["dimension"].map(lambda x: (cfg.dimension_map or {}).get(x, x)).value_counts(normalize=True)
             for d in dims:   # the same passes over each dimension's pairs: a step budget is shared out by their number
+                if not share.get(d, 0):
+                    log(f"reward_ablations: no training pairs of {d!r}, so no model of its own (the column has no {d} row)"); continue
                 steps = max(1, round(cfg.max_steps * share.get(d, 0))) if cfg.max_steps else 0
                 sub = cfg.with_overrides(dimensions=[d], max_steps=steps, out=str(out / "ablations" / slug / d))
                 m, _ = train_reward(sub, train, root=cfg.run_dir, log=log)

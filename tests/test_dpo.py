@@ -142,10 +142,45 @@ def test_gradient_checkpointing_changes_nothing_and_tensorboard_logs(tiny, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, plain = train_dpo(_cfg(root, models["sd"], tmp_path / "plain", max_steps=4), **QUIET)
-        _, ckpt = train_dpo(_cfg(root, models["sd"], tmp_path / "gc", max_steps=4, gradient_checkpointing=True, tensorboard=True), **QUIET)
+        _, ckpt = train_dpo(_cfg(root, models["sd"], tmp_path / "gc", max_steps=4, gradient_checkpointing=True, tensorboard=True, log_every=3), **QUIET)
     assert [h["loss"] for h in ckpt] == pytest.approx([h["loss"] for h in plain], abs=1e-6) and plain[2]["loss"] != plain[0]["loss"]
-    assert list((tmp_path / "gc" / "logs" / "dpo").glob("events.out.tfevents.*"))   # TensorBoard's event file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "gc" / "logs" / "dpo")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [3, 4]   # every log_every steps, and the last
     assert pd.read_csv(tmp_path / "gc" / "train_log.csv")["step"].tolist() == [1, 2, 3, 4]
+
+
+def test_a_new_run_replaces_the_other_kind_of_output(tiny, tmp_path):
+    "A full fine-tune into a folder that holds an earlier LoRA (and the reverse) leaves only its own output, so it is what loads."
+    root, models = tiny
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_dpo(_cfg(root, models["sd"], out, max_steps=1), **QUIET)
+        assert (out / "pytorch_lora_weights.safetensors").is_file()
+        train_dpo(_cfg(root, models["sd"], out, max_steps=1, full_finetune=True, lr=1e-3), **QUIET)
+        assert not (out / "pytorch_lora_weights.safetensors").exists()
+        loaded = load_generator(GeneratorSpec(str(models["sd"]), lora=str(out), device="cpu")).unet.state_dict()
+        saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+        train_dpo(_cfg(root, models["sd"], out, max_steps=1), **QUIET)
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "unet").exists()
+
+
+def test_non_finite_gradients_stop_the_run_with_a_finite_loss(tiny, tmp_path):
+    root, models = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = load_generator(GeneratorSpec(str(models["sd"]), device="cpu"))
+    def poison(step, rec):   # after step 1, one LoRA weight's gradient turns NaN; the loss stays finite
+        if step == 1: next(p for p in pipe.unet.parameters() if p.requires_grad).register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 2 .*last good checkpoint is .*step-1"):
+        train_dpo(_cfg(root, models["sd"], tmp_path / "nan"), pipe=pipe, callback=poison, **QUIET)
+    kept = load_file(tmp_path / "nan" / "checkpoints" / "step-1" / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    with pytest.raises(ValueError, match="'theme' is read from the quads' pair_id"):
+        from instructengine.dpo_train import balance_weights
+        balance_weights(pd.DataFrame({"prompt": ["a"], "image_a": ["x"]}), "theme")
 
 
 def test_sdxl_lora_round_trip(tiny, tmp_path):

@@ -150,6 +150,27 @@ def test_two_processes_train_like_one(lesson_run, tmp_path):
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
 
 
+def test_one_model_per_dimension_skips_dimensions_without_pairs(lesson_run, tmp_path):
+    "The sandbox conditions have four dimensions and the lesson run's pairs only aesthetic ones: one model, one row."
+    from instructengine.reward_train import reward_ablations
+    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    seen = []
+    table = reward_ablations(_cfg(lesson_run, tmp_path / "abl").with_overrides(max_steps=2, grad_accum=1), pairs.iloc[:12], pairs.iloc[12:],
+                             variants={"one model per dimension": "per_dimension"}, log=seen.append)
+    assert list(table.index) == ["aesthetic"] and 0 <= table.loc["aesthetic", "one model per dimension"] <= 1
+    assert sorted(p.name for p in (tmp_path / "abl" / "ablations" / "one-model-per-dimension").iterdir()) == ["aesthetic"]
+    assert sum("no training pairs of" in m for m in seen) == len(SANDBOX_CONDITIONS) - 1
+
+
+def test_non_finite_gradients_stop_reward_training(lesson_run, tmp_path):
+    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    model = MPSModel(MPSConfig(layers=1, **SANDBOX))
+    def poison(step, rec):   # after step 1, one fusion weight's gradient turns NaN; the loss stays finite
+        if step == 1: next(model.fusion.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 2 .*last good checkpoint is .*step-1"):
+        train_reward(_cfg(lesson_run, tmp_path / "nan"), pairs, model=model, callback=poison, log=None)
+
+
 def test_nothing_held_out_trains_on_every_pair(lesson_run, tmp_path):
     import json, shutil
     run = shutil.copytree(lesson_run, tmp_path / "run")
