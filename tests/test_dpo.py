@@ -74,6 +74,54 @@ train_dpo(DPOConfig.load(sys.argv[1]), log=lambda *a: None)
 """
 
 
+def test_errors_are_measured_against_the_schedulers_target():
+    "A UNet that returns exactly the v target has zero error under v-prediction and not under epsilon, and the reverse."
+    from types import SimpleNamespace
+    from diffusers import DDPMScheduler
+    from instructengine.dpo import combo_errors
+    g = torch.Generator().manual_seed(0)
+    z0, noise, t = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g), torch.tensor([100, 700])
+    batch = {"combos": ["aa"], "latents": z0, "noise": noise, "timesteps": t, "embeds": torch.zeros(2, 3, 8), "pooled": None, "time_ids": None}
+    for kind in ("epsilon", "v_prediction"):
+        sched = DDPMScheduler(prediction_type=kind)
+        returns = {"epsilon": noise, "v_prediction": sched.get_velocity(z0, noise, t)}
+        for made, out in returns.items():
+            unet = lambda zt, t, encoder_hidden_states, out=out: SimpleNamespace(sample=out)
+            e = combo_errors(unet, sched, batch, "cpu")["aa"]
+            assert (e.abs().max() < 1e-10) if made == kind else (e.min() > 0.1), (kind, made, e)
+
+
+def test_flip_caches_the_mirror_and_mirrors_a_quad_whole(tiny, tmp_path):
+    from PIL import Image
+    from instructengine.dpo import load_image, quad_batch
+    root, models = tiny
+    rng = torch.Generator().manual_seed(0)
+    paths = []
+    for k in range(2):   # 49 x 32: the centre crop's left edge is 8 px, and 9 px in the mirror
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray((torch.rand(32, 49, 3, generator=rng) * 255).byte().numpy()).save(paths[-1])
+    x, tid, tid_flip = load_image(paths[0], 32)
+    assert tid[3] == 8 and tid_flip[3] == 9 and tid[:3].tolist() == tid_flip[:3].tolist() == [32, 49, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = load_generator(GeneratorSpec(str(models["sd"]), device="cpu"))
+    cache = DPOCache(tmp_path / "cache", "k")
+    cache.fill(pipe, [str(p) for p in paths], ["a", "b"], 32, flip=True)
+    key = cache.image_key(str(paths[0]))
+    with torch.no_grad():
+        for view, suffix in ((x, ""), (x.flip(-1), ":flip")):
+            assert torch.allclose(cache.lat[key + suffix], pipe.vae.encode(view[None]).latent_dist.parameters[0], atol=1e-5)
+    assert not torch.allclose(cache.lat[key], cache.lat[key + ":flip"])
+    rows = pd.DataFrame({"image_a": [str(paths[0])] * 8, "image_b": [str(paths[1])] * 8, "instr_a": ["a"] * 8, "instr_b": ["b"] * 8})
+    batch = quad_batch(cache, rows, ["ab"], torch.Generator().manual_seed(3), 1000, flip=True, sample=False)
+    flips = (torch.rand(8, generator=torch.Generator().manual_seed(3)) < 0.5).tolist()
+    assert 0 < sum(flips) < 8
+    want_a, ids_a = cache.latents([str(paths[0])] * 8, flips, sample=False)
+    assert torch.equal(batch["latents"], want_a) and torch.equal(batch["time_ids"], ids_a)   # combo "ab": x_a's latents, mirrored where the quad is
+    batch_b = quad_batch(cache, rows, ["ba"], torch.Generator().manual_seed(3), 1000, flip=True, sample=False)
+    assert torch.equal(batch_b["latents"], cache.latents([str(paths[1])] * 8, flips, sample=False)[0])   # x_b mirrored in the same quads
+
+
 def test_killed_training_resumes_to_the_same_losses(tiny, tmp_path):
     root, models = tiny
     with warnings.catch_warnings():

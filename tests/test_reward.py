@@ -171,6 +171,61 @@ def test_non_finite_gradients_stop_reward_training(lesson_run, tmp_path):
         train_reward(_cfg(lesson_run, tmp_path / "nan"), pairs, model=model, callback=poison, log=None)
 
 
+def test_freeze_modes_train_what_they_say():
+    from instructengine.reward_train import freeze_backbone
+    ids = lambda ps: {id(p) for p in ps}
+    for mode in ("none", "text", "all-but-last-1", "all"):
+        bb = load_backbone("sandbox")
+        counts = freeze_backbone(bb, mode)
+        trainable = {n for n, p in bb.model.named_parameters() if p.requires_grad}
+        named = dict(bb.model.named_parameters())
+        unused = ids(bb.unused())
+        assert unused and not any(id(named[n]) in unused for n in trainable)   # the final image norm never trains
+        assert counts["trainable"] == sum(named[n].numel() for n in trainable)
+        if mode == "none": assert {id(p) for n, p in named.items() if n not in trainable} == unused
+        if mode == "all": assert not trainable
+        if mode == "text":
+            assert not any(bb.is_text_param(n) for n in trainable) and ids(bb.blocks()[1].parameters()) <= {id(named[n]) for n in trainable}
+        if mode == "all-but-last-1":
+            last = ids(p for blocks in bb.blocks() for p in blocks[-1].parameters()) | (ids(bb.heads()) - unused)
+            assert {id(named[n]) for n in trainable} == last
+
+
+def test_calibration_by_hand():
+    import math
+    import pandas as pd
+    from instructengine.reward_train import calibration_table
+    pairs = pd.DataFrame({"tie": [False, False, False, True]})
+    table, ece = calibration_table(pairs, torch.tensor([2.0, 0.0, 0.1, 3.0]), torch.tensor([0.0, 2.0, 0.0, 0.0]))
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert table["bin"].tolist() == ["0.5-0.6", "0.8-0.9"] and table["pairs"].tolist() == [1, 2] and table["accuracy"].tolist() == [1.0, 0.5]
+    assert ece == pytest.approx(abs(1 - sig(0.1)) / 3 + 2 * abs(0.5 - sig(2.0)) / 3, abs=1e-6)   # the tie is left out
+
+
+def test_aspect_pairs_label_every_two_images_on_every_aspect(tmp_path):
+    "One contrast pair, two images on side a and one on side b, each rated under both instructions by the oracle."
+    import json
+    from instructengine.core import RunDir
+    from instructengine.reward_train import aspect_pairs
+    run = RunDir(tmp_path / "run")
+    put = lambda path, recs: path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    put(run.instructions, [{"id": "t/s#0", "a": "one red circle", "b": "two red circles", "status": "ok"}])
+    ims = [("a", 0), ("a", 1), ("b", 0)]
+    put(run.image_records, [{"id": f"t/s#0|{s}|{i}", "pair_id": "t/s#0", "side": s, "index": i, "status": "ok", "path": f"images/{s}{i}.png"} for s, i in ims])
+    scores = {"a": {"a0": (5, 3), "a1": (4, 3), "b0": (2, 3)}, "b": {"a0": (1, 3), "a1": (2, 3), "b0": (5, 3)}}   # (prompt_following, aesthetic)
+    put(run.annotations, [{"image_id": f"t/s#0|{s}|{i}", "id": f"oracle|rate:{u}|t/s#0|{s}|{i}", "judge": "oracle", "task": "rate", "under": u,
+                           "status": "ok", "scores": dict(zip(("prompt_following", "aesthetic"), scores[u][f"{s}{i}"], strict=True))}
+                          for u in "ab" for s, i in ims])
+    df = aspect_pairs(run, "oracle", aspects=("prompt_following", "aesthetic"))
+    assert len(df) == 2 * 3 * 2   # two instructions x three image pairs x two aspects
+    pf = {(r.prompt, r.image_w[7:9], r.image_l[7:9]) for r in df[df["dimension"] == "prompt_following"].itertuples()}
+    assert pf == {("one red circle", "a0", "a1"), ("one red circle", "a0", "b0"), ("one red circle", "a1", "b0"),       # the higher score wins
+                  ("two red circles", "a1", "a0"), ("two red circles", "b0", "a0"), ("two red circles", "b0", "a1")}
+    assert df[df["dimension"] == "aesthetic"]["tie"].all() and not df[df["dimension"] == "prompt_following"]["tie"].any()
+    assert set(df["quad_id"]) == {"t/s#0"}
+    assert len(aspect_pairs(run, "oracle", aspects=("prompt_following", "aesthetic"), ties=False)) == 6   # the equal aesthetic scores dropped
+
+
 def test_nothing_held_out_trains_on_every_pair(lesson_run, tmp_path):
     import json, shutil
     run = shutil.copytree(lesson_run, tmp_path / "run")
