@@ -231,6 +231,24 @@ def test_non_finite_gradients_stop_the_run_with_a_finite_loss(tiny, tmp_path):
         balance_weights(pd.DataFrame({"prompt": ["a"], "image_a": ["x"]}), "theme")
 
 
+def test_sft_weight_latent_sample_grad_accum_and_balance(tiny, tmp_path):
+    from instructengine.dpo_train import balance_weights
+    root, models = tiny
+    run = lambda name, **kw: train_dpo(_cfg(root, models["sd"], tmp_path / name, **kw), **QUIET)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain, mixed = run("plain", max_steps=1), run("mixed", max_steps=1, sft_weight=1.0)
+        assert mixed[0]["loss"] == pytest.approx(plain[0]["loss"] + mixed[0]["sft"], abs=1e-6)      # DPO + 1 x SFT on the same inputs
+        mean, drawn = run("mean", max_steps=1, method="sft"), run("drawn", max_steps=1, method="sft", latent_sample=True)
+        assert abs(mean[0]["loss"] - drawn[0]["loss"]) > 1e-4                                        # a latent drawn from the VAE's distribution
+        # with lr 0 nothing moves: one step of 2 x 2 quads logs the mean of two steps of 2 quads (the same quads and noise)
+        two = run("two", max_steps=2, batch_size=2, method="sft", lr=0.0)
+        acc = run("acc", max_steps=1, batch_size=2, grad_accum=2, method="sft", lr=0.0)
+    assert acc[0]["loss"] == pytest.approx((two[0]["loss"] + two[1]["loss"]) / 2, abs=1e-6) and two[0]["loss"] != two[1]["loss"]
+    w = balance_weights(pd.DataFrame({"pair_id": ["colors/x#0", "colors/y#1", "colors/x#2", "count/z#0"]}), "theme")
+    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+
+
 def test_sdxl_lora_round_trip(tiny, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     root, models = tiny
