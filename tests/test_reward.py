@@ -226,6 +226,23 @@ def test_aspect_pairs_label_every_two_images_on_every_aspect(tmp_path):
     assert len(aspect_pairs(run, "oracle", aspects=("prompt_following", "aesthetic"), ties=False)) == 6   # the equal aesthetic scores dropped
 
 
+def test_evaluation_scores_each_pair_under_its_own_dimension(lesson_run, tmp_path):
+    "Accuracy and the confusion view's diagonal agree with scoring each pair under its own condition, pair by pair."
+    import pandas as pd
+    from instructengine.reward_train import accuracy_table, pair_scores, prepare_pairs
+    pairs = pd.read_parquet(lesson_run / "pairs.parquet")
+    pairs.loc[pairs.index % 2 == 1, "dimension"] = "fidelity"
+    model = MPSModel(MPSConfig(layers=1, **SANDBOX)).eval()
+    test = prepare_pairs(pairs, model, decided=True)
+    ev = evaluate_reward(model, test, lesson_run)
+    want = accuracy_table(test, *pair_scores(model, test, lesson_run))
+    assert ev["accuracy"]["accuracy"].to_dict() == pytest.approx(want["accuracy"].to_dict())
+    for d in ("aesthetic", "fidelity"):
+        assert ev["confusion"].loc[d, d] == pytest.approx(want.loc[d, "accuracy"])
+        assert ev["confusion"].loc[d].drop(d).notna().all()   # and scored under the other condition too
+    assert ev["scores"]["score_w"].tolist() == pytest.approx(pair_scores(model, test, lesson_run)[0].tolist(), abs=1e-5)
+
+
 def test_nothing_held_out_trains_on_every_pair(lesson_run, tmp_path):
     import json, shutil
     run = shutil.copytree(lesson_run, tmp_path / "run")
