@@ -365,6 +365,8 @@ def test_metrics_hand_values():
     assert win_rate([0.2, 0.5, 0.5, 0.9], [0.4, 0.5, 0.3, 1.0], n_boot=2000, seed=0) == (wr, lo, hi)   # seeded
     assert win_rate([1, 2, 3], [1, 2, 3]) == (0.5, 0.5, 0.5)
     assert win_rate([0] * 50, [1] * 50) == (1.0, 1.0, 1.0)
+    wr, lo, hi = win_rate([0] * 100, [1] * 60 + [-1] * 40, n_boot=4000)   # 100 prompts, 60 won: the normal interval is 0.6 +- 0.096
+    assert wr == 0.6 and hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.24 / 100), rel=0.15) and lo < 0.6 < hi
     assert relative_improvement(0.38, 0.42) == pytest.approx(10.5263, abs=1e-4)   # the paper's +10.53% form
     assert relative_improvement(-0.5, -0.25) == pytest.approx(50.0) and relative_improvement(0.5, 0.25) == pytest.approx(-50.0)
     assert math.isnan(relative_improvement(0.0, 1.0))
