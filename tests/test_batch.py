@@ -80,6 +80,22 @@ def test_sweep_and_report(tmp_path):
     assert (root / "report" / "taxonomy.kept.png").is_file()
     again = cli("batch", str(cfg), "--runs", str(tmp_path))
     assert again.returncode == 0 and again.stderr.count("skipped, finished before") == 2 and "running" not in again.stderr
+    cfg.write_text(cfg.read_text().replace("pairs_per_subtopic: 1", "pairs_per_subtopic: 2"))   # other parameters: both run again
+    changed = cli("batch", str(cfg), "--runs", str(tmp_path))
+    assert changed.returncode == 0 and changed.stderr.count("taxonomy: running") == 2 and "skipped" not in changed.stderr
+
+
+def test_a_failed_variant_does_not_stop_the_others(tmp_path):
+    cfg = tmp_path / "mixed.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "mx", "stages": {"taxonomy": {"pairs_per_subtopic": 1}},
+                                   "sweep": {"grid": {"taxonomy.taxonomy": ["no-such-taxonomy.yaml", "sandbox"]}}}))   # the failing one first
+    r = cli("batch", str(cfg), "--runs", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.count("taxonomy: FAILED") == 1 and r.stderr.count("taxonomy: done") == 1, r.stderr[-3000:]
+    variants = sorted((tmp_path / "mx" / "variants").iterdir())
+    done = [v for v in variants if (v / ".stages" / "taxonomy.json").is_file()]
+    failed = [v for v in variants if (v / ".stages" / "taxonomy.failed.json").is_file()]
+    assert len(done) == len(failed) == 1 and (done[0] / "instructions.jsonl").is_file()
+    assert "no-such-taxonomy.yaml" in (failed[0] / ".stages" / "taxonomy.failed.json").read_text()
 
 
 @pytest.mark.slow
