@@ -349,6 +349,11 @@ def stage_times(root) -> pd.DataFrame:
     return df[[s for s in STAGES if s in df]] if len(df) else df
 
 
+def _grid_label(v):
+    "A grid value as a table key: numbers and text as they are; a mapping, a list or null as its JSON text (groupby drops nulls)."
+    return v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True, default=str)
+
+
 def sweep_table(root, metrics: list) -> pd.DataFrame:
     """The report metrics of every variant of a sweep, grouped by the grid values that are not seeds: mean, std over seeds, n."""
     root = Path(root)
@@ -358,7 +363,7 @@ def sweep_table(root, metrics: list) -> pd.DataFrame:
     rows = []
     for name, over, folder in batch_runs(root):
         if name == ".": continue
-        rows.append({**{k: over[k.split(".")[0]][k.split(".", 1)[1]] for k in keys}, **{p: metric(folder, p) for p in metrics}})
+        rows.append({**{k: _grid_label(over[k.split(".")[0]][k.split(".", 1)[1]]) for k in keys}, **{p: metric(folder, p) for p in metrics}})
     df = pd.DataFrame(rows)
     if df.empty: return df
     for p in metrics: df[p] = pd.to_numeric(df[p], errors="coerce")

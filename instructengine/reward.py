@@ -114,7 +114,9 @@ class HFClipBackbone(ClipBackbone):
         return self.tokenizer(texts, padding="max_length", truncation=True, max_length=n, return_tensors="pt").input_ids
 
     def valid(self, ids: torch.Tensor) -> torch.Tensor:   # up to the first EOS (HF pads with EOS)
-        eos = (ids == self.model.config.text_config.eos_token_id).int().argmax(-1, keepdim=True)
+        eos_id = self.model.config.text_config.eos_token_id
+        if eos_id == 2: eos = ids.argmax(-1, keepdim=True)   # configs saved before transformers fixed the id (openai's CLIPs): EOS is the largest id, as transformers reads it too
+        else: eos = (ids == eos_id).int().argmax(-1, keepdim=True)
         return torch.arange(ids.shape[1], device=ids.device)[None] <= eos
 
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor: return self.model.text_model.embeddings.token_embedding(ids)
@@ -373,15 +375,28 @@ def tiny_clip_folder(folder, seed: int = 0, image_size: int = 32) -> Path:
 
 def save_reward(model: "MPSModel", folder) -> Path:
     """`folder/model.safetensors` (every weight, the CLIP's included) and `folder/config.json` (the MPSConfig); for a
-    transformers backbone also `folder/backbone/` (its config, tokenizer and image processor, no weights), so the
-    folder loads on its own."""
+    transformers backbone also `folder/backbone/` (its config, tokenizer and image processor, no weights), and for an
+    open_clip backbone read from a folder (`local-dir:`, or the sandbox CLIP from other weights) that folder's files but
+    its weights, so the folder loads on its own."""
+    import shutil
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    bb = model.backbone
+    bb, src = model.backbone, _open_clip_dir(model.cfg)
     if isinstance(bb, HFClipBackbone):
         for part in (bb.model.config, bb.tokenizer, bb.preprocess): part.save_pretrained(folder / "backbone")
+    elif src is not None:
+        (folder / "backbone").mkdir(exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth"): shutil.copy2(f, folder / "backbone" / f.name)
     atomic_write_text(folder / "config.json", json.dumps({"format": REWARD_FORMAT, "model": model.cfg.to_dict()}, indent=2) + "\n")
     return folder
+
+
+def _open_clip_dir(cfg: MPSConfig):
+    "The folder an open_clip backbone reads its architecture from (`local-dir:X`, or the sandbox CLIP's `backbone_weights`), else None."
+    if cfg.backbone.startswith("local-dir:"): return Path(cfg.backbone.removeprefix("local-dir:"))
+    if cfg.backbone == "sandbox" and cfg.backbone_weights: return Path(cfg.backbone_weights)
+    return None
 
 
 def load_reward(folder, device: str = "cpu") -> "MPSModel":
@@ -396,7 +411,12 @@ def load_reward(folder, device: str = "cpu") -> "MPSModel":
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
         hf = CLIPModel(CLIPModel.config_class.from_pretrained(folder / "backbone"))
         backbone = HFClipBackbone(hf, CLIPTokenizer.from_pretrained(folder / "backbone"), CLIPImageProcessor.from_pretrained(folder / "backbone"), cfg.patch_norm)
-    elif cfg.backbone == "sandbox": backbone = None
+    elif (folder / "backbone" / "open_clip_config.json").is_file():   # an open_clip architecture saved with the model
+        import open_clip
+        spec = f"local-dir:{folder / 'backbone'}"
+        clip, _, preprocess = open_clip.create_model_and_transforms(spec, load_weights=False)
+        backbone = OpenClipBackbone(clip.eval(), open_clip.get_tokenizer(spec), preprocess, cfg.patch_norm)
+    elif cfg.backbone == "sandbox": backbone = load_backbone("sandbox", "", cfg.patch_norm)   # the shipped architecture
     else: backbone = load_backbone(cfg.backbone, "", cfg.patch_norm)   # random weights, replaced below
     model = MPSModel(cfg, backbone)
     model.load_state_dict(load_file(folder / "model.safetensors"))

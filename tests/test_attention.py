@@ -161,3 +161,11 @@ def test_run_attention_records_the_shift_in_the_run(hf, scenes, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())["attention"]
     assert metrics == {"images": 4, "cam_shift": out["cam_shift"], "cam_shift_no_mask": 0.0}
     assert "attention:" in (tmp_path / "config.yaml").read_text()
+
+
+def test_map_distance_by_hand():
+    "cam_shift's distance: 0 for maps equal up to scale, 2 for opposite ones, 1 for a constant map against another."
+    from instructengine.attention import _decorrelation
+    a = np.array([0, 1, 2, 0.0])
+    assert _decorrelation(a, 3 * a) == pytest.approx(0.0) and _decorrelation(a, -a) == pytest.approx(2.0)
+    assert _decorrelation(np.zeros(4), a) == 1.0 and _decorrelation(a, a) == 0.0

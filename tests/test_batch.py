@@ -124,3 +124,21 @@ def test_sandbox_smoke_killed_mid_stage_resumes(tmp_path):
     ids = [json.loads(line)["id"] for line in (root / "images.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 6 * 2 * 2   # 6 pairs x 2 sides x 2 images, none twice
     assert "before and after alignment" in r.stdout
+
+
+def test_report_groups_by_grid_values_that_are_mappings_or_null(tmp_path):
+    "A sweep over DPO's term weights (a mapping) or a value that may be null: one report row per value, none dropped."
+    from instructengine.batch import BatchConfig, expand_sweep, sweep_table, write_report
+    from instructengine.core import RunDir
+    for grid in ({"dpo.weights": [{"image_a": 1}, {"text_a": 1}], "dpo.seed": [0, 1]}, {"dpo.lora": [None, "x"], "dpo.seed": [0, 1]}):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        cfg = BatchConfig(name=root.name, runs=str(tmp_path), stages={"dpo": {}}, sweep={"grid": grid}, report=["dpo.x"])
+        root.mkdir(); cfg.save(root / "batch.yaml")
+        for k, (name, over) in enumerate(expand_sweep(cfg)):
+            RunDir(root / "variants" / name).update_metrics({"dpo": {"x": k}})
+        table = sweep_table(root, ["dpo.x"])
+        assert len(table) == 2 and table[("n", "dpo.x")].tolist() == [2, 2], table
+        assert "mean ± std" in write_report(root).read_text()
+        r = cli("report", str(root))
+        assert r.returncode == 0 and "mean ± std" in r.stdout + r.stderr + (root / "report.md").read_text()
+    assert cli("report", str(tmp_path / "missing")).returncode != 0
