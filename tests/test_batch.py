@@ -134,7 +134,7 @@ def test_report_groups_by_grid_values_that_are_mappings_or_null(tmp_path):
         root = tmp_path / str(len(list(tmp_path.iterdir())))
         cfg = BatchConfig(name=root.name, runs=str(tmp_path), stages={"dpo": {}}, sweep={"grid": grid}, report=["dpo.x"])
         root.mkdir(); cfg.save(root / "batch.yaml")
-        for k, (name, over) in enumerate(expand_sweep(cfg)):
+        for k, (name, _) in enumerate(expand_sweep(cfg)):
             RunDir(root / "variants" / name).update_metrics({"dpo": {"x": k}})
         table = sweep_table(root, ["dpo.x"])
         assert len(table) == 2 and table[("n", "dpo.x")].tolist() == [2, 2], table
