@@ -127,3 +127,22 @@ def test_fast_step_equals_reference_step_in_fp32(name, one_thread):
     assert moved > 1e-4   # the step did change the LoRA, so equal updates mean equal gradients
     for a, b in zip(after_fast, after_loop, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), float((a - b).abs().max())
+
+
+def test_a_disagreeing_reference_makes_the_exit_status_1(monkeypatch):
+    "The agreement check can fail: with the reference loop's scores shifted by 1, the table says NO and the status is 1."
+    import instructengine.bench as bench
+    looped = bench.score_looped
+    monkeypatch.setattr(bench, "score_looped", lambda *a, **k: looped(*a, **k) + 1.0)
+    r = CliRunner().invoke(app, ["bench", "reward", "--device", "cpu", "--backbone", "sandbox", "--images", "8", "--batch-size", "8",
+                                 "--loop-pairs", "2", "--warmup", "0"], prog_name="instructengine")
+    assert r.exit_code == 1 and "NO" in r.output, r.output
+
+
+def test_a_disagreeing_dpo_reference_makes_the_exit_status_1(monkeypatch, one_thread):
+    import instructengine.bench_diffusion as bd
+    loop = bd._loop_loss
+    monkeypatch.setattr(bd, "_loop_loss", lambda *a, **k: (lambda r: (r[0] + 1.0, -r[1]))(loop(*a, **k)))   # another loss, opposite margins
+    r = CliRunner().invoke(app, ["bench", "dpo", "--device", "cpu", "--size", "tiny", "--model", "sd15", "--pairs", "2", "--steps", "1",
+                                 "--warmup", "0"], prog_name="instructengine")
+    assert r.exit_code == 1 and "NO" in r.output, r.output
