@@ -194,7 +194,7 @@ def image_data_url(image, fmt: str = "png") -> str:
 class VLMJudge(Judge):
     """The shared half of the multimodal-LLM judges: prompts from the versioned rubric, tolerant parsing, a status for
     every answer (ok, malformed, refused, or why the model could not be reached), asking again when malformed
-    (`max_parse_retries`), and a disk cache keyed by (judge, rubric version, prompt, image sha256, attempt).
+    (`max_parse_retries`), and a disk cache keyed by (model, rubric version, prompt, image sha256, attempt).
     Subclasses supply `_complete_many(requests)`: for each (system, prompt, image, attempt), a reply message dict
     (`content`, maybe `refusal`) or a `ModelUnavailable`."""
     def __init__(self, rubric: str = "judge-v1", max_parse_retries: int = 0, cache_dir=None):
@@ -203,6 +203,11 @@ class VLMJudge(Judge):
         self.cache = DiskCache(cache_dir) if cache_dir else None
 
     def _complete_many(self, requests: list) -> list: raise NotImplementedError
+
+    @property
+    def model_id(self) -> str:
+        "What the cache keys on: the model (a judge renamed keeps its replies, another model behind the same name does not)."
+        return getattr(self, "_model_id", None) or self.name
 
     def _parse(self, task: dict, reply: dict) -> dict:
         text, refusal = reply.get("content") or "", reply.get("refusal")
@@ -227,7 +232,7 @@ class VLMJudge(Judge):
             try: prompts[i], shas[i] = judge_prompt(self.rubric_text, t), image_sha256(to_pil(t["image"])); todo.append(i)
             except (ValueError, KeyError, TypeError) as e: out[i] = {"status": "error", "error": f"{type(e).__name__}: {e}"}
         for attempt in range(1 + self.max_parse_retries):
-            keys = {i: DiskCache.key(self.name, self.rubric, prompts[i], shas[i], attempt) for i in todo}
+            keys = {i: DiskCache.key(self.model_id, self.rubric, prompts[i], shas[i], attempt) for i in todo}
             replies = {i: r for i in todo if self.cache and (r := self.cache.get(keys[i])) is not None}
             ask = [i for i in todo if i not in replies]
             got = self._complete_many([(system, prompts[i], tasks[i]["image"], attempt) for i in ask]) if ask else []
@@ -263,6 +268,7 @@ class OpenAIJudge(VLMJudge):
         super().__init__(cfg.rubric, cfg.max_parse_retries, cfg.cache_dir or None)
         self.cfg, self.client = cfg, ChatClient(cfg, "INSTRUCTENGINE_JUDGE_MODEL")
         self.name = cfg.name or f"openai:{self.client.model}"
+        self._model_id = f"openai:{self.client.model}"   # the cache's key, whatever the judge is named
 
     def __repr__(self): return f"OpenAIJudge({self.client.base_url!r}, model={self.client.model!r})"   # never the key
 
@@ -288,6 +294,7 @@ class TransformersJudge(VLMJudge):
         self.model = from_hub(AutoModelForImageTextToText.from_pretrained, model, dtype=pick_dtype(self.device, dtype or None)).to(self.device).eval()
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.name = name or f"transformers:{model}"
+        self._model_id = f"transformers:{model}"
 
     @torch.no_grad()
     def _complete_many(self, requests: list) -> list:
@@ -336,7 +343,7 @@ def annotation_tasks(pairs: dict, image_records: list, judges: list, rate_other:
         if im.get("status") != "ok" or im["pair_id"] not in pairs: continue
         p, own = pairs[im["pair_id"]], im["side"]
         other = "b" if own == "a" else "a"
-        base = {"image_id": im["id"], "pair_id": im["pair_id"], "side": own, "path": im["path"]}
+        base = {"image_id": im["id"], "pair_id": im["pair_id"], "side": own, "path": im["path"], "sha256": im.get("sha256")}
         for j in judges:
             tasks.append(base | {"id": f"{j}|verify|{im['id']}", "judge": j, "task": "verify", "instr_a": p["a"], "instr_b": p["b"]})
             for under in (own, other) if rate_other else (own,):
@@ -346,12 +353,19 @@ def annotation_tasks(pairs: dict, image_records: list, judges: list, rate_other:
 # %% ../nbs/04_annotate.ipynb #cabda2a2
 def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard: tuple = (0, 1)) -> dict:
     """Ask `judge` the tasks addressed to it that `annotations.jsonl` does not hold with a final status (this process's
-    share: every `shard[1]`-th). An image that is missing or corrupt becomes an `image_error` record naming its path;
-    a judge that raises fails only its batch. Returns this judge's status counts."""
+    share: every `shard[1]`-th), or holds under another rubric version or for another image under the same id (a
+    regenerated one). An image that is missing or corrupt becomes an `image_error` record naming its path; a judge that
+    raises fails only its batch. Returns this judge's status counts."""
     rank, world = shard
     images = ImageStore(run.images)
+    old = RecordLog(run.annotations).latest() if run.annotations.is_file() else {}
+    def stale(t):   # a field an older record lacks is not held against it
+        r = old.get(t["id"])
+        return r is not None and (r.get("rubric", judge.rubric) != judge.rubric or r.get("sha256", t.get("sha256")) != t.get("sha256"))
     with RecordStore(run.annotations, batch_size=256, flush_every=5.0) as store:
-        todo = store.pending([t for t in tasks if t["judge"] == judge.name], status=FINAL_STATUSES)[rank::world]
+        mine = [t for t in tasks if t["judge"] == judge.name]
+        pending = {t["id"] for t in store.pending(mine, status=FINAL_STATUSES)}
+        todo = [t for t in mine if t["id"] in pending or stale(t)][rank::world]
         for k in progress(range(0, len(todo), batch_size), desc=f"judge {judge.name}"):
             loaded, cache = [], {}
             for t in todo[k:k + batch_size]:

@@ -599,10 +599,13 @@ class ImageStore:
     def __contains__(self, sha256: str) -> bool: return self.path_for(sha256).is_file()
 
     def put(self, image) -> StoredImage:
-        "Store `image` (anything `to_pil` takes) and return its path and hash; an image already stored is not rewritten."
+        "Store `image` (anything `to_pil` takes) and return its path and hash; an image already stored intact is not rewritten."
         im = to_pil(image)
         sha = image_sha256(im)
         path = self.path_for(sha)
+        if path.is_file():   # a damaged copy (it does not decode, or its pixels are not its name's) is replaced
+            try: self.get(path, verify=True)
+            except ImageStoreError: path.unlink()
         if not path.is_file():
             buf = io.BytesIO()
             im.save(buf, format="PNG")

@@ -85,14 +85,22 @@ def image_jobs(pairs: list, n: int, seed: int = 0) -> list:
              "seed": image_seed(p["id"], j, seed)} for p in pairs for j in range(n) for side in ("a", "b")]
 
 # %% ../nbs/03_generate.ipynb #aca273c2
-def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generator_name: str = "", shard: tuple = (0, 1), **kwargs) -> dict:
+def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generator_name: str = "", shard: tuple = (0, 1),
+                    settings: dict = None, **kwargs) -> dict:
     """Generate the jobs not yet in `images.jsonl` (this process's share: every `shard[1]`-th from `shard[0]`), store the
-    PNGs by content hash and append one record per image. A batch that fails is recorded as errors and the run goes on."""
+    PNGs by content hash and append one record per image. An image made with other settings (prompt, seed, generator,
+    `settings`, the pipeline's `kwargs`) is made again. A batch that fails is recorded as errors and the run goes on;
+    a kill loses at most the batch in flight."""
     rank, world = shard
     images = ImageStore(run.images)
+    meta = {"generator": generator_name, **{k: v for k, v in {**(settings or {}), **kwargs}.items() if v is not None}}
+    old = RecordLog(run.image_records).latest() if run.image_records.is_file() else {}
+    def other_settings(j):   # a field an older record lacks is not held against it
+        r = old.get(j["id"])
+        return r is not None and any(k in r and r[k] != v for k, v in {**j, **meta}.items())
     with RecordStore(run.image_records, batch_size=64, flush_every=5.0) as store:
-        todo = store.pending(jobs, status="ok")[rank::world]
-        meta = {"generator": generator_name, **{k: v for k, v in kwargs.items() if v is not None}}
+        pending = {j["id"] for j in store.pending(jobs, status="ok")}
+        todo = [j for j in jobs if j["id"] in pending or other_settings(j)][rank::world]
         warn_long_prompts(pipe, [j["prompt"] for j in todo])   # once here, not once a batch
         for i in progress(range(0, len(todo), batch_size), desc="images"):
             batch = todo[i:i + batch_size]
@@ -102,6 +110,7 @@ def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generat
             for j, im in zip(batch, out, strict=True):
                 st = images.put(im)
                 store.append({**j, **meta, "status": "ok", "path": str(st.path.relative_to(run.root)), "sha256": st.sha256})
+            store.flush()
     return store.status_counts()
 
 # %% ../nbs/03_generate.ipynb #cbf54992
@@ -133,12 +142,15 @@ def run_generate(cfg: GenerateConfig) -> dict:
     pairs = pairs[:cfg.limit] if cfg.limit else pairs
     pipe = load_generator(GeneratorSpec(cfg.model, cfg.lora, cfg.lora_scale, cfg.scheduler, device=str(state.device)))
     t0 = time.time()
-    generate_images(pipe, image_jobs(pairs, cfg.images_per_instruction, cfg.seed), run, cfg.batch_size,
+    jobs = image_jobs(pairs, cfg.images_per_instruction, cfg.seed)
+    generate_images(pipe, jobs, run, cfg.batch_size,
                     generator_name=cfg.model + (f"+{cfg.lora}" if cfg.lora else ""), shard=(state.process_index, state.num_processes),
+                    settings={"scheduler": cfg.scheduler or None, "lora_scale": cfg.lora_scale if cfg.lora else None},
                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                     height=cfg.height or None, width=cfg.width or None)
     state.wait_for_everyone()   # then count what every process wrote
-    counts = RecordLog(run.image_records).status_counts()
-    summary = {"pairs": len(pairs), "images": counts.get("ok", 0), "errors": counts.get("error", 0), "seconds": round(time.time() - t0, 1)}
+    latest = RecordLog(run.image_records).latest()   # this run's images, not every record the folder holds
+    status = [latest.get(j["id"], {}).get("status") for j in jobs]
+    summary = {"pairs": len(pairs), "images": status.count("ok"), "errors": status.count("error"), "seconds": round(time.time() - t0, 1)}
     if state.is_main_process: run.update_metrics({"generate": summary})
     return summary

@@ -61,7 +61,16 @@ def _slots(d, where: str) -> dict:
     if not isinstance(d, dict): raise TaxonomyError(f"{where}: expected a mapping of slot -> words, got {type(d).__name__}")
     for k in d:
         if k not in SLOT_KEYS: raise TaxonomyError(f"{where}.{k}: unknown slot; expected one of {', '.join(SLOT_KEYS)}")
-    return {k: _words(v, f"{where}.{k}") for k, v in d.items()}
+    out = {k: _words(v, f"{where}.{k}") for k, v in d.items()}
+    for i, w in enumerate(out.get("counts", ())):
+        if _count(w) is None: raise TaxonomyError(f"{where}.counts[{i}]: {w!r} is not a count from one to six (a number word or digits)")
+    return out
+
+
+def _count(word: str):
+    "A count word or digits -> 1..6, else None."
+    n = int(word) if word.isdigit() else next((k for k, v in NUMBER_WORDS.items() if v == word), None)
+    return n if n in NUMBER_WORDS else None
 
 
 def _name(d, where: str) -> str:
@@ -269,8 +278,8 @@ def _check_dimension(dimension: str):
 def _counts(words) -> list:
     out = []
     for w in words:
-        n = int(w) if w.isdigit() else next((k for k, v in NUMBER_WORDS.items() if v == w), None)
-        if n is None: raise TaxonomyError(f"counts: {w!r} is not a number word (one .. six) or digits")
+        n = _count(w)
+        if n is None: raise TaxonomyError(f"counts: {w!r} is not a count from one to six (a number word or digits)")
         out.append(n)
     return out
 
@@ -505,6 +514,9 @@ class LLMWriter(InstructionWriter):
         for attempt in range(1 + self.max_parse_retries):
             key = DiskCache.key(self.model_id, t["version"], task, fields, attempt)
             raw = self.cache.get(key) if self.cache else None
+            if raw is not None:   # a cached reply is used only if it validates: a malformed one is asked again on a rerun
+                try: return {"status": "ok", "value": validate(extract_json(raw)), "raw": raw, "attempts": attempt + 1}
+                except (ValueError, TypeError, KeyError): raw = None
             if raw is None:
                 try: raw = self._complete(messages, schema, attempt)
                 except ModelUnavailable as e: return {"status": e.status, "error": str(e), "raw": None, "attempts": attempt + 1}
@@ -769,17 +781,20 @@ FINAL_STATUSES = ("ok", "no_edit")   # a rerun writes every other status again (
 def write_pairs(writer: InstructionWriter, taxonomy: Taxonomy, path, n: int = 5, cycle: str = "content,aesthetics,counterfactual",
                 seed: int = 0, concurrency: int = None, retry_failed: bool = True) -> dict:
     """Write `n` pairs per subtopic into the JSONL store at `path`, resuming: ids already there are skipped (with
-    `retry_failed`, only those with a final status), so a killed run rerun yields each pair once. Subtopics run
-    `concurrency` at a time (default: the writer's). Returns the count of each status (latest record of each id)."""
+    `retry_failed`, only those with a final status), so a killed run rerun yields each pair once; a pair written by
+    another writer or with another seed is written again. Subtopics run `concurrency` at a time (default: the writer's).
+    Returns the count of each status (latest record of each id)."""
     dims = dimension_plan(cycle)
     subs = taxonomy.subtopics
+    old = RecordLog(path).latest() if Path(path).is_file() else {}
+    stale = {i for i, r in old.items() if r.get("writer") != writer.name or r.get("seed", seed) != seed}
     with RecordStore(path, batch_size=32, flush_every=5.0) as store:
-        done = store.done_ids(FINAL_STATUSES if retry_failed else None)
+        done = store.done_ids(FINAL_STATUSES if retry_failed else None) - stale
         todo = [s for s in subs if not all(f"{s.id}#{i}" in done for i in range(n))]
         workers = max(1, concurrency or getattr(writer, "concurrency", 1))
         job = lambda s: pair_records(writer, s, n, dims, seed, done)   # noqa: E731
         with ThreadPoolExecutor(workers) as ex:
-            for recs in progress(ex.map(job, todo), total=len(todo), desc=f"write ({writer.name})"): store.extend(recs)
+            for recs in progress(ex.map(job, todo), total=len(todo), desc=f"write ({writer.name})"): store.extend(r | {"seed": seed} for r in recs)
     return store.status_counts()
 
 # %% ../nbs/02_taxonomy.ipynb #665d8540
@@ -818,10 +833,11 @@ def make_writer(cfg: TaxonomyRunConfig, taxonomy: Taxonomy, cache_dir=None) -> I
     raise ValueError(f"writer {cfg.writer!r}: expected 'auto', 'template', 'sandbox', 'openai' or 'transformers'")
 
 
-def finalize_pairs(raw_path, out_path, dedup_threshold: float = 0.95, group_threshold: float = 0.8, encoder=None) -> dict:
-    """From the writer's records to the stage output: keep the ok pairs, check sandbox diffs by parsing, drop near-duplicates,
-    group analogous pairs, write `out_path` (JSONL, atomically) and return the counts of every step."""
-    latest = list(RecordLog(raw_path).latest().values())
+def finalize_pairs(raw_path, out_path, dedup_threshold: float = 0.95, group_threshold: float = 0.8, encoder=None, ids=None) -> dict:
+    """From the writer's records to the stage output: keep the ok pairs (of `ids`, the pairs this run plans, when given:
+    records of an earlier plan stay in the raw file but not in the output), check sandbox diffs by parsing, drop
+    near-duplicates, group analogous pairs, write `out_path` (JSONL, atomically) and return the counts of every step."""
+    latest = [r for i, r in RecordLog(raw_path).latest().items() if ids is None or i in ids]
     ok = [r for r in latest if r["status"] == "ok"]
     summary = {"records": len(latest), "ok": len(ok),
                "failed": {s: sum(r["status"] == s for r in latest) for s in sorted({r["status"] for r in latest} - {"ok"})}}
@@ -882,7 +898,8 @@ def run_taxonomy(cfg: TaxonomyRunConfig, encoder=None) -> dict:
     t0 = time.time()
     write_pairs(writer, taxonomy, raw, cfg.pairs_per_subtopic, cfg.dimension_cycle, cfg.seed)
     summary = {"taxonomy": taxonomy.name, "subtopics": len(taxonomy.subtopics), "writer": writer.name,
-               **finalize_pairs(raw, run.instructions, cfg.dedup_threshold, cfg.group_threshold, encoder),
+               **finalize_pairs(raw, run.instructions, cfg.dedup_threshold, cfg.group_threshold, encoder,
+                                ids={f"{s.id}#{i}" for s in taxonomy.subtopics for i in range(cfg.pairs_per_subtopic)}),
                "seconds": round(time.time() - t0, 1)}
     run.update_metrics({"taxonomy": summary})
     return summary

@@ -254,3 +254,23 @@ def test_dedup_rule_near_identical_repeated_and_unreadable(tmp_path):
     assert dict(zip(rejected.quad_id, rejected.reason, strict=True)) == {"same": "images a and b near-identical", "again": "repeats an earlier quad",
                                                              "lost": "image a unreadable"}
     assert report[0]["removed"] == 3 and report[0]["checked"] == 5
+
+
+def test_another_rubric_or_a_regenerated_image_is_judged_again(tmp_path):
+    from instructengine.annotate import OracleJudge, annotate, annotation_tasks
+    run = make_run(tmp_path / "run", n_pairs=1, per_side=1)
+    pairs, images = load(run)
+    judge = OracleJudge()
+    tasks = annotation_tasks(pairs, images, [judge.name])
+    assert annotate(judge, tasks, run)["ok"] == len(tasks)
+    before = sum(1 for _ in RecordLog(run.annotations))
+    annotate(judge, tasks, run)   # nothing changed: nothing asked
+    assert sum(1 for _ in RecordLog(run.annotations)) == before
+    judge.rubric = "sandbox-v2"   # another rubric version: every judgment again, under it
+    annotate(judge, tasks, run)
+    latest = RecordLog(run.annotations).latest()
+    assert sum(1 for _ in RecordLog(run.annotations)) == 2 * before and {r["rubric"] for r in latest.values()} == {"sandbox-v2"}
+    images[0] = images[0] | {"sha256": "0" * 64}   # image 0 made again (another hash under the same id): only its tasks
+    annotate(judge, annotation_tasks(pairs, images, [judge.name]), run)
+    again = [r for r in RecordLog(run.annotations)][2 * before:]
+    assert again and {r["image_id"] for r in again} == {images[0]["id"]}

@@ -205,3 +205,17 @@ def test_long_prompts_are_reported_once_not_once_a_batch(which, request, tmp_pat
     assert counts == {"ok": 6}
     assert len(cut) == 1 and cut[0].startswith("3 of 6 prompts are longer than the text encoder's 77 tokens"), cut
     assert not [r for r in seen if "truncated" in r.getMessage()]   # six batches, and not one per-batch warning from diffusers
+
+
+def test_other_settings_make_the_images_again(tmp_path):
+    "A generation stage run again with another seed or scheduler makes its images again, and counts this run's images."
+    from instructengine.generate import GenerateConfig, image_seed, run_generate
+    run = tmp_path / "run"; run.mkdir()
+    (run / "instructions.jsonl").write_text(json.dumps({"id": "p#0", "a": "a red circle", "b": "two blue squares"}) + "\n")
+    cfg = GenerateConfig(run_dir=str(run), images_per_instruction=1, num_inference_steps=2, batch_size=2)
+    assert run_generate(cfg)["images"] == 2
+    assert run_generate(cfg)["images"] == 2 and len((run / "images.jsonl").read_text().splitlines()) == 2   # the same: nothing made
+    run_generate(cfg.with_overrides(seed=1, scheduler="ddim"))
+    latest = RecordStore(run / "images.jsonl").latest()
+    assert len((run / "images.jsonl").read_text().splitlines()) == 4
+    assert {r["seed"] for r in latest.values()} == {image_seed("p#0", 0, 1)} and {r["scheduler"] for r in latest.values()} == {"ddim"}

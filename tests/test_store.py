@@ -214,3 +214,14 @@ def test_status_counts_follow_the_latest_record_of_each_id(tmp_path):
         s.extend([{"id": 1, "status": "error"}, {"id": 2, "status": "ok"}, {"id": 3, "status": "error"}])
     with RecordStore(tmp_path / "r.jsonl") as s: s.append({"id": 1, "status": "ok"})
     assert RecordLog(tmp_path / "r.jsonl").status_counts() == {"ok": 2, "error": 1}
+
+
+def test_a_damaged_image_is_replaced_by_putting_it_again(tmp_path):
+    import numpy as np
+    from instructengine.core import ImageStore, ImageStoreError
+    store = ImageStore(tmp_path / "images")
+    im = (np.arange(48).reshape(4, 4, 3) * 5).astype(np.uint8)
+    st = store.put(im)
+    st.path.write_bytes(st.path.read_bytes()[:20])   # a torn file
+    with pytest.raises(ImageStoreError, match="corrupt"): store.get(st)
+    assert store.put(im) == st and store.get(st, verify=True).size == (4, 4)

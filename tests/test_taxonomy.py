@@ -40,6 +40,8 @@ def mini(**edit) -> dict:
     (mini(sub__objects=[]), "subtopics[0].objects: expected a non-empty list"),
     ({"name": "x", "themes": [{"name": "t", "subtopics": [{"name": "s"}]}]}, "no objects"),
     ({"name": "x", "themes": []}, "themes: expected a non-empty list"),
+    (mini(root__slots={"counts": ["two", "12"]}), "slots.counts[1]: '12' is not a count from one to six"),
+    (mini(sub__counts=["0"]), "subtopics[0].counts[0]: '0' is not a count from one to six"),
 ])
 def test_validation_errors_name_the_item(data, message):
     with pytest.raises(TaxonomyError, match=message.replace("[", r"\[").replace("]", r"\]")): Taxonomy.from_dict(data)
@@ -234,3 +236,40 @@ def test_stage_survives_a_writer_that_fails_everything(scripted_server, tmp_path
 class _Encoder:
     "Never called when there is nothing to embed."
     def encode(self, *a, **k): raise AssertionError("nothing to encode")
+
+
+def test_a_cached_malformed_reply_is_asked_again_on_rerun(scripted_server, tmp_path):
+    "The disk cache keeps what the model said, but a reply that did not validate is not an answer: a rerun asks again."
+    srv, url = scripted_server([(200, completion("I would rather write a poem."))])
+    cfg = ChatWriterConfig(base_url=url, model="m", max_parse_retries=0, cache_dir=str(tmp_path / "cache"))
+    assert OpenAIChatWriter(cfg).write_base(sub(), 2)[0]["status"] == "malformed" and len(srv.requests) == 1
+    srv.script = [(200, completion(json.dumps({"instructions": ["a red apple on a plate", "two pears in a bowl"]})))]
+    again = OpenAIChatWriter(cfg).write_base(sub(), 2)
+    assert [r["status"] for r in again] == ["ok", "ok"] and len(srv.requests) == 2
+    assert OpenAIChatWriter(cfg).write_base(sub(), 2) == again and len(srv.requests) == 2   # a valid reply is served from the cache
+
+
+def test_another_plan_writes_its_own_pairs(tmp_path):
+    "Fewer pairs, another seed or another taxonomy in the same folder: the output holds this run's plan only."
+    from instructengine.taxonomy import TemplateWriter, finalize_pairs
+    t = Taxonomy.from_dict(MINI)
+    raw, out, w = tmp_path / "raw.jsonl", tmp_path / "instructions.jsonl", TemplateWriter(t)
+    write_pairs(w, t, raw, n=3)
+    first = RecordStore(raw).latest()
+    ids = lambda n: {f"{s.id}#{i}" for s in t.subtopics for i in range(n)}
+    assert finalize_pairs(raw, out, encoder=_Words(), ids=ids(1))["records"] == 1
+    assert len(out.read_text().splitlines()) == 1
+    write_pairs(w, t, raw, n=3, seed=1)   # another seed: every pair written again, the seed recorded
+    latest = RecordStore(raw).latest()
+    assert {r["seed"] for r in latest.values()} == {1} and any(latest[i]["a"] != first[i]["a"] for i in first)
+
+
+class _Words:
+    "A stand-in sentence encoder: hashed bags of words (texts that share no word are far apart)."
+    def encode(self, texts, **kw):
+        import hashlib
+        import numpy as np
+        v = np.zeros((len(texts), 256))
+        for i, t in enumerate(texts):
+            for w in t.split(): v[i, int(hashlib.sha256(w.encode()).hexdigest(), 16) % 256] = 1.0
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
