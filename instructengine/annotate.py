@@ -358,18 +358,13 @@ def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard
     raises fails only its batch. Returns this judge's status counts."""
     rank, world = shard
     images = ImageStore(run.images)
-    old = RecordLog(run.annotations).latest() if run.annotations.is_file() else {}
-    def stale(t):   # a field an older record lacks is not held against it
-        r = old.get(t["id"])
-        return r is not None and (r.get("rubric", judge.rubric) != judge.rubric or r.get("sha256", t.get("sha256")) != t.get("sha256"))
     with RecordStore(run.annotations, batch_size=256, flush_every=5.0) as store:
-        mine = [t for t in tasks if t["judge"] == judge.name]
-        pending = {t["id"] for t in store.pending(mine, status=FINAL_STATUSES)}
-        todo = [t for t in mine if t["id"] in pending or stale(t)][rank::world]
+        mine = [t | {"rubric": judge.rubric} for t in tasks if t["judge"] == judge.name]
+        todo = store.pending(mine, status=FINAL_STATUSES, same=("rubric", "sha256"))[rank::world]
         for k in progress(range(0, len(todo), batch_size), desc=f"judge {judge.name}"):
             loaded, cache = [], {}
             for t in todo[k:k + batch_size]:
-                rec = {x: v for x, v in t.items() if x != "path"} | {"rubric": judge.rubric}
+                rec = {x: v for x, v in t.items() if x != "path"}
                 try:
                     if t["path"] not in cache: cache[t["path"]] = images.get(run.root / t["path"])
                     loaded.append((rec, t | {"image": cache[t["path"]]}))

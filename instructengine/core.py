@@ -411,6 +411,11 @@ def _last_newline(f, end: int) -> int:
     return -1
 
 # %% ../nbs/00_core.ipynb #b559e562
+def _agrees(record: Mapping, expected: Mapping) -> bool:
+    "Whether `record` holds the `expected` value of every field it has (a field it lacks agrees)."
+    return all(record.get(k, v) == v for k, v in expected.items())
+
+
 class RecordLog:
     "The read side of a JSONL record file: complete lines only, the latest record of an id wins. Never writes, never locks."
 
@@ -443,18 +448,24 @@ class RecordLog:
             self._offset = end                       # also past a bad line, so it is reported once
             if rec is not None: self._status[rec[self.key]] = rec.get(self.status_key)
 
-    def done_ids(self, status=None) -> set:
-        "Ids with a record on disk; with `status` (a value or a collection), only ids whose latest record has that status."
+    def done_ids(self, status=None, same: Mapping = None) -> set:
+        """Ids with a record on disk; with `status` (a value or a collection), only ids whose latest record has that status;
+        with `same` ({field: value}), only ids whose latest record agrees with it (see `pending`)."""
         self._catch_up()
-        if status is None: return set(self._status)
-        ok = {status} if isinstance(status, (str, int, bool)) else set(status)
-        return {i for i, s in self._status.items() if s in ok}
+        ok = None if status is None else {status} if isinstance(status, (str, int, bool)) else set(status)
+        done = {i for i, s in self._status.items() if ok is None or s in ok}
+        if same: done = {i for i, r in self.latest().items() if i in done and _agrees(r, same)}
+        return done
 
-    def pending(self, items: Iterable, id_of=None, status=None) -> list:
-        "The `items` not done yet; an item's id is `item[key]`, or `id_of(item)`."
+    def pending(self, items: Iterable, id_of=None, status=None, same: tuple = ()) -> list:
+        """The `items` not done yet; an item's id is `item[key]`, or `id_of(item)`. With `same` (field names), an item is
+        also not done when its latest record holds one of those fields with another value than the item: it was made
+        with other settings. A field the record lacks is not held against it, so records older than the field still count."""
         done = self.done_ids(status)
         id_of = id_of or (lambda it: it[self.key])
-        return [it for it in items if id_of(it) not in done]
+        latest = self.latest() if same else {}
+        return [it for it in items if id_of(it) not in done
+                or (same and not _agrees(latest[id_of(it)], {k: it[k] for k in same if k in it}))]
 
     def status_counts(self) -> dict:
         "How many ids have each status, by the latest record of each id."

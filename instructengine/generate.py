@@ -93,23 +93,18 @@ def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generat
     a kill loses at most the batch in flight."""
     rank, world = shard
     images = ImageStore(run.images)
-    meta = {"generator": generator_name, **{k: v for k, v in {**(settings or {}), **kwargs}.items() if v is not None}}
-    old = RecordLog(run.image_records).latest() if run.image_records.is_file() else {}
-    def other_settings(j):   # a field an older record lacks is not held against it
-        r = old.get(j["id"])
-        return r is not None and any(k in r and r[k] != v for k, v in {**j, **meta}.items())
+    meta = {"generator": generator_name, **(settings or {}), **{k: v for k, v in kwargs.items() if v is not None}}
     with RecordStore(run.image_records, batch_size=64, flush_every=5.0) as store:
-        pending = {j["id"] for j in store.pending(jobs, status="ok")}
-        todo = [j for j in jobs if j["id"] in pending or other_settings(j)][rank::world]
+        todo = store.pending([{**j, **meta} for j in jobs], status="ok", same=("prompt", "seed", *meta))[rank::world]
         warn_long_prompts(pipe, [j["prompt"] for j in todo])   # once here, not once a batch
         for i in progress(range(0, len(todo), batch_size), desc="images"):
             batch = todo[i:i + batch_size]
             try: out = generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], batch_size=len(batch), warn_long=False, **kwargs)
             except Exception as e:   # a failing batch (out of memory, a bad prompt) is recorded, not fatal
-                store.extend({**j, **meta, "status": "error", "error": f"{type(e).__name__}: {e}"} for j in batch); continue
+                store.extend({**j, "status": "error", "error": f"{type(e).__name__}: {e}"} for j in batch); continue
             for j, im in zip(batch, out, strict=True):
                 st = images.put(im)
-                store.append({**j, **meta, "status": "ok", "path": str(st.path.relative_to(run.root)), "sha256": st.sha256})
+                store.append({**j, "status": "ok", "path": str(st.path.relative_to(run.root)), "sha256": st.sha256})
             store.flush()
     return store.status_counts()
 

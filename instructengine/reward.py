@@ -11,6 +11,7 @@ __all__ = ['CONDITIONS', 'SANDBOX_CONDITIONS', 'SANDBOX_NAMES', 'REWARD_FORMAT',
 # %% ../nbs/05_reward.ipynb #681bdb03
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -378,7 +379,6 @@ def save_reward(model: "MPSModel", folder) -> Path:
     transformers backbone also `folder/backbone/` (its config, tokenizer and image processor, no weights), and for an
     open_clip backbone read from a folder (`local-dir:`, or the sandbox CLIP from other weights) that folder's files but
     its weights, so the folder loads on its own."""
-    import shutil
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     bb, src = model.backbone, _open_clip_dir(model.cfg)

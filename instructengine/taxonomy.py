@@ -9,8 +9,9 @@ __all__ = ['SLOT_KEYS', 'NUMBER_WORDS', 'DIMENSIONS', 'KINDS', 'SPEC_SLOTS', 'FO
            'SandboxWriter', 'verify_sandbox_pair', 'ModelUnavailable', 'load_prompt_file', 'load_prompt_templates',
            'extract_json', 'DiskCache', 'LLMWriter', 'ChatEndpointConfig', 'ChatClient', 'ChatWriterConfig',
            'OpenAIChatWriter', 'TransformersWriter', 'load_sentence_encoder', 'embed_texts', 'near_duplicates',
-           'dedup_pairs', 'group_analogous', 'dimension_plan', 'pair_records', 'write_pairs', 'load_taxonomy',
-           'TaxonomyRunConfig', 'make_writer', 'finalize_pairs', 'pair_table', 'plot_pair_counts', 'run_taxonomy']
+           'dedup_pairs', 'group_analogous', 'dimension_plan', 'pair_ids', 'pair_records', 'write_pairs',
+           'load_taxonomy', 'TaxonomyRunConfig', 'make_writer', 'finalize_pairs', 'pair_table', 'plot_pair_counts',
+           'run_taxonomy']
 
 # %% ../nbs/02_taxonomy.ipynb #f6ab73cc
 import hashlib
@@ -750,9 +751,14 @@ def dimension_plan(cycle: str) -> list:
     return dims
 
 
+def pair_ids(subtopic: Subtopic, n: int) -> list:
+    "The ids of a subtopic's `n` pairs: `<subtopic id>#<i>`."
+    return [f"{subtopic.id}#{i}" for i in range(n)]
+
+
 def pair_records(writer: InstructionWriter, subtopic: Subtopic, n: int, dims: list, seed: int = 0, skip: set = frozenset()) -> list:
-    "The pair records of one subtopic: ids `<subtopic id>#<i>`; pair i contrasts along dims[(i + offset) % len]. Ids in `skip` are left out."
-    ids = [f"{subtopic.id}#{i}" for i in range(n)]
+    "The pair records of one subtopic (`pair_ids`); pair i contrasts along dims[(i + offset) % len]. Ids in `skip` are left out."
+    ids = pair_ids(subtopic, n)
     if all(i in skip for i in ids): return []
     offset = int(hashlib.sha256(subtopic.id.encode()).hexdigest(), 16) % len(dims)
     bases = writer.write_base(subtopic, n, seed)
@@ -786,11 +792,9 @@ def write_pairs(writer: InstructionWriter, taxonomy: Taxonomy, path, n: int = 5,
     Returns the count of each status (latest record of each id)."""
     dims = dimension_plan(cycle)
     subs = taxonomy.subtopics
-    old = RecordLog(path).latest() if Path(path).is_file() else {}
-    stale = {i for i, r in old.items() if r.get("writer") != writer.name or r.get("seed", seed) != seed}
     with RecordStore(path, batch_size=32, flush_every=5.0) as store:
-        done = store.done_ids(FINAL_STATUSES if retry_failed else None) - stale
-        todo = [s for s in subs if not all(f"{s.id}#{i}" in done for i in range(n))]
+        done = store.done_ids(FINAL_STATUSES if retry_failed else None, same={"writer": writer.name, "seed": seed})
+        todo = [s for s in subs if not set(pair_ids(s, n)) <= done]
         workers = max(1, concurrency or getattr(writer, "concurrency", 1))
         job = lambda s: pair_records(writer, s, n, dims, seed, done)   # noqa: E731
         with ThreadPoolExecutor(workers) as ex:
@@ -899,7 +903,7 @@ def run_taxonomy(cfg: TaxonomyRunConfig, encoder=None) -> dict:
     write_pairs(writer, taxonomy, raw, cfg.pairs_per_subtopic, cfg.dimension_cycle, cfg.seed)
     summary = {"taxonomy": taxonomy.name, "subtopics": len(taxonomy.subtopics), "writer": writer.name,
                **finalize_pairs(raw, run.instructions, cfg.dedup_threshold, cfg.group_threshold, encoder,
-                                ids={f"{s.id}#{i}" for s in taxonomy.subtopics for i in range(cfg.pairs_per_subtopic)}),
+                                ids={i for s in taxonomy.subtopics for i in pair_ids(s, cfg.pairs_per_subtopic)}),
                "seconds": round(time.time() - t0, 1)}
     run.update_metrics({"taxonomy": summary})
     return summary
