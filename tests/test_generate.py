@@ -219,3 +219,6 @@ def test_other_settings_make_the_images_again(tmp_path):
     latest = RecordStore(run / "images.jsonl").latest()
     assert len((run / "images.jsonl").read_text().splitlines()) == 4
     assert {r["seed"] for r in latest.values()} == {image_seed("p#0", 0, 1)} and {r["scheduler"] for r in latest.values()} == {"ddim"}
+    run_generate(cfg.with_overrides(seed=1))   # back to the default scheduler: made again
+    assert len((run / "images.jsonl").read_text().splitlines()) == 6
+    assert {r["scheduler"] for r in RecordStore(run / "images.jsonl").latest().values()} == {None}
