@@ -23,9 +23,10 @@ CAPTIONS = [("a red circle", "two blue squares"), ("a large green diamond", "a l
             ("three yellow triangles on the right", "three yellow triangles on the left"), ("a red cross", "a white cross")]
 
 
-def make_run(root, n_pairs: int = 4, per_side: int = 2, swap: int = None) -> RunDir:
+def make_run(root, n_pairs: int = 4, per_side: int = 2, swap: int = None, repeat: int = None) -> RunDir:
     """A run folder as the generation stage leaves it, with oracle-exact renders instead of generated images; pair `swap`
-    gets its sides' images exchanged (so it fails verification)."""
+    gets its sides' images exchanged (so it fails verification), and pair `repeat` draws every image of a side alike (so
+    its quads repeat one another)."""
     run = RunDir(root)
     store = ImageStore(run.images)
     pairs, images = [], []
@@ -36,7 +37,7 @@ def make_run(root, n_pairs: int = 4, per_side: int = 2, swap: int = None) -> Run
         for j in range(per_side):
             for side, cap in (("a", a), ("b", b)):
                 shown = (b if side == "a" else a) if i == swap else cap
-                st = store.put(render(parse_caption(shown), seed=100 * i + j))
+                st = store.put(render(parse_caption(shown), seed=100 * i + (0 if i == repeat else j)))
                 images.append({"id": f"{pid}|{side}|{j}", "pair_id": pid, "side": side, "index": j, "prompt": cap, "seed": j,
                                "status": "ok", "path": str(st.path.relative_to(run.root)), "sha256": st.sha256})
     run.instructions.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -78,11 +79,12 @@ def tiny_vlm(tmp_path_factory):
     cfg = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}, initializer_range=0.5),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"])
+    # initializer_range 0.5 (not 0.02): weights large enough that the reply of so small a model depends on the whole prompt
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-qwen2vl")
     Qwen2VLForConditionalGeneration(cfg).save_pretrained(folder); proc.save_pretrained(folder)
@@ -98,9 +100,11 @@ def test_local_transformers_judge_records_garbage_as_malformed(tiny_vlm, tmp_pat
     recs = list(RecordLog(run.annotations).latest().values())
     assert counts == {"malformed": 6} and len(recs) == 6          # 2 images x (verify + 2 ratings), batched 2 + 1 inside each call
     assert all(r["raw"] and r["rubric"] == "judge-v1" and r["judge"] == f"transformers:{tiny_vlm}" for r in recs)
-    one = judge.verify(render(parse_caption("a red circle"), 0), "a red circle", "a blue circle")
-    alone = next(r for r in recs if r["task"] == "verify" and r["side"] == "a")
+    image = render(parse_caption("a red circle"), 0)               # pair 0's image 0 of side a, as make_run drew it
+    one = judge.verify(image, "a red circle", "two blue squares")
+    alone = next(r for r in recs if r["task"] == "verify" and r["side"] == "a" and r["image_id"].endswith("|a|0"))
     assert one["raw"] == alone["raw"]                            # batching and left padding do not change the answer
+    assert judge.verify(image, "a red circle", "a blue circle")["raw"] != one["raw"]   # and the answer does depend on the question
 
 
 @pytest.mark.slow
@@ -190,7 +194,7 @@ def test_killed_annotation_resumes_each_item_exactly_once(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*the parameters of stage .annotate. changed")
 def test_stage_end_to_end_rules_and_outputs(tmp_path):
-    run = make_run(tmp_path, n_pairs=4, per_side=2, swap=0)
+    run = make_run(tmp_path, n_pairs=4, per_side=2, swap=0, repeat=2)
     cfg = AnnotateConfig(run_dir=str(run.root), judges=[{"kind": "oracle"}, {"kind": "clip"}])
     s = run_annotate(cfg)
     removed = {r["rule"]: r for r in s["rules"]}
@@ -199,7 +203,7 @@ def test_stage_end_to_end_rules_and_outputs(tmp_path):
     # checkered image of side b follows both instructions
     assert removed["follows_own"]["reasons"] == {"image a follows b": 2, "image b follows both": 2}
     assert removed["harmless"]["reasons"] == {"image a harmlessness 1 < 3": 2}                                       # the red cross
-    assert removed["dedup"]["reasons"] == {"repeats an earlier quad": 2} or removed["dedup"]["removed"] == 0
+    assert removed["dedup"]["reasons"] == {"repeats an earlier quad": 1} and s["quads"] == 1   # pair 2's second quad
     quads, pairs = pd.read_parquet(run.quads), pd.read_parquet(run.pairs)
     assert len(quads) == s["quads"] and len(pairs) == s["pairs"]
     assert {"prompt", "image_w", "image_l", "dimension", "scores", "quad_id", "source"} <= set(pairs.columns)

@@ -12,7 +12,7 @@ import pytest
 from _processes import run_processes
 
 from instructengine.core import RecordStore, RunDir
-from instructengine.generate import GeneratorSpec, generate_images, image_jobs, load_generator
+from instructengine.generate import GeneratorSpec, generate_images, image_jobs, image_seed, load_generator
 from instructengine.sandbox_generator import clip_tokenizer
 
 TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
@@ -71,14 +71,19 @@ def test_folder_pipelines_generate_with_recorded_seeds(which, request, tmp_path)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     run = RunDir(tmp_path / "run")
     counts = generate_images(pipe, image_jobs(PAIRS, 1), run, batch_size=4, generator_name=which, num_inference_steps=2, height=32, width=32)
-    recs = list(RecordStore(run.image_records).latest().values())
+    by_id = RecordStore(run.image_records).latest()
+    recs = list(by_id.values())
     assert counts == {"ok": 6} and {r["side"] for r in recs} == {"a", "b"}
     assert all((run.root / r["path"]).is_file() and r["num_inference_steps"] == 2 for r in recs)
+    assert all(r["seed"] == image_seed(r["id"].split("|")[0], 0) for r in recs)     # both sides of a pair share its seed
+    assert len({r["seed"] for r in recs}) == 3
     one = generate_images(pipe, image_jobs(PAIRS[:1], 1), RunDir(tmp_path / "alone"), batch_size=1, num_inference_steps=2, height=32, width=32)
     first = RecordStore(RunDir(tmp_path / "alone").image_records).latest()["t/s#0|a|0"]
     from instructengine.core import ImageStore
-    a, b = (np.asarray(ImageStore(r.images).get(x["sha256"]), float) for r, x in ((RunDir(tmp_path / "alone"), first), (run, recs[0])))
+    pixels = lambda r, x: np.asarray(ImageStore(r.images).get(x["sha256"]), float)
+    a, b = pixels(RunDir(tmp_path / "alone"), first), pixels(run, by_id["t/s#0|a|0"])
     assert one == {"ok": 2} and np.abs(a - b).max() <= 2      # an image does not depend on its batch (up to float rounding)
+    assert np.abs(a - pixels(run, by_id["t/s#0|b|0"])).max() > 2   # while another prompt with the same seed gives another image
 
 
 def test_lora_changes_the_output_and_scale_zero_restores_it(tiny_sd, tmp_path):

@@ -118,8 +118,11 @@ def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
     proc.send_signal(signal.SIGKILL); proc.wait()
     steps = sorted(int(p.name[5:]) for p in ckpt.glob("step-*") if p.name[5:].isdigit())
     assert steps and steps[-1] < 8, f"the process was not killed mid-way (checkpoints {steps})"
-    model, resumed = train_reward(cfg, pairs, log=lambda *a: None)
-    assert [h["step"] for h in resumed] == list(range(1, 9))
+    ran, said = [], []
+    model, resumed = train_reward(cfg, pairs, callback=lambda step, rec: ran.append(step), log=said.append)
+    assert ran == list(range(steps[-1] + 1, 9)), f"the rerun did not go on after checkpoint step-{steps[-1]}: it ran steps {ran}"
+    assert any(f"resuming from checkpoint step-{steps[-1]}" in line for line in said), said
+    assert [h["step"] for h in resumed] == list(range(1, 9))    # the history before the kill comes from the checkpoint
     gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(straight, resumed, strict=True))
     print(f"killed at checkpoint step-{steps[-1]}; largest loss difference over 8 steps: {gap:.1e}")
     assert gap <= 1e-4, (straight, resumed)
