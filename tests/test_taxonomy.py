@@ -262,6 +262,11 @@ def test_another_plan_writes_its_own_pairs(tmp_path):
     write_pairs(w, t, raw, n=3, seed=1)   # another seed: every pair written again, the seed recorded
     latest = RecordStore(raw).latest()
     assert {r["seed"] for r in latest.values()} == {1} and any(latest[i]["a"] != first[i]["a"] for i in first)
+    other = Taxonomy.from_dict(mini(subtopic__name="berries"))   # another taxonomy in the same folder
+    write_pairs(TemplateWriter(other), other, raw, n=2)
+    plan = {f"{s.id}#{i}" for s in other.subtopics for i in range(2)}
+    assert finalize_pairs(raw, out, encoder=_Words(), ids=plan)["records"] == 2
+    assert {json.loads(line)["id"] for line in out.read_text().splitlines()} <= plan and len(RecordStore(raw).latest()) == 5
 
 
 class _Words:
