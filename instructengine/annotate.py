@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import (Config, ConfigError, ImageStore, from_hub, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256, process_state,
+from .core import (Config, ConfigError, ImageStore, from_hub, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256, process_state, require_fields,
                                  pick_device, pick_dtype, progress, to_pil)
 from .sandbox import ASPECTS, bootstrap_ci, check, parse_caption, rate as oracle_rate, read_image
 from .taxonomy import ChatClient, ChatEndpointConfig, DiskCache, ModelUnavailable, extract_json, load_prompt_file
@@ -698,6 +698,8 @@ class AnnotateConfig(Config):
     def validate(self):
         check_rules(self.rules)
         if self.pairing not in ("same_seed", "all"): raise ConfigError(f"AnnotateConfig.pairing = {self.pairing!r}: expected 'same_seed' or 'all'")
+        self.check_at_least(batch_size=1, limit=0)
+        self.check_positive("rating_margin")
 
 
 def run_annotate(cfg: AnnotateConfig) -> dict:
@@ -709,8 +711,11 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     for need, stage in ((run.instructions, "taxonomy"), (run.image_records, "generate")):
         if not need.is_file(): raise FileNotFoundError(f"{need} does not exist: run the {stage} stage first")
     pairs = RecordLog(run.instructions).latest()
+    require_fields(pairs.values(), ("id", "a", "b"), run.instructions)
     if cfg.limit: pairs = dict(list(pairs.items())[:cfg.limit])
-    images = [r for r in RecordLog(run.image_records).latest().values() if r["pair_id"] in pairs]
+    images = require_fields(RecordLog(run.image_records).latest().values(), ("id", "pair_id", "side", "status"), run.image_records)
+    require_fields((r for r in images if r["status"] == "ok"), ("path",), run.image_records)
+    images = [r for r in images if r["pair_id"] in pairs]
     judges = [make_judge(s) for s in cfg.judges]
     names = [j.name for j in judges]
     if len(set(names)) < len(names): raise ConfigError(f"AnnotateConfig.judges: two judges share a name ({names}); give one a `name`")

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -76,13 +77,18 @@ def stage_parameters(stage: str) -> dict:
             for k, v in papermill.inspect_notebook(str(nb)).items()}
 
 # %% ../nbs/09_batch.ipynb #617dd608
-def parse_params(items: list) -> dict:
-    "`['k=v', ...]` from the command line into {k: v}; each value is read as YAML, so numbers, booleans and lists keep their type."
-    out = {}
+def parse_params(items: list, cwd=None) -> dict:
+    """`['k=v', ...]` from the command line into {k: v}; each value is read as YAML, so numbers, booleans and lists keep their
+    type. A value that names an existing file or folder from `cwd` (the caller's folder) by a relative path with a `/` or a
+    suffix (`my.csv`, `runs/a/dpo`) becomes absolute, since the notebooks run in `nbs/`; other values pass as they are."""
+    out, cwd = {}, Path(cwd or os.getcwd())
     for it in items or []:
         k, eq, v = str(it).partition("=")
         if not eq or not k.strip(): raise ConfigError(f"parameter {it!r}: expected NAME=VALUE")
-        out[k.strip()] = load_yaml(v, f"parameter {k.strip()}") if v.strip() else ""
+        val = load_yaml(v, f"parameter {k.strip()}") if v.strip() else ""
+        if isinstance(val, str) and val and ("/" in val or Path(val).suffix) and not Path(val).is_absolute() and (cwd / val).exists():
+            val = str((cwd / val).resolve())
+        out[k.strip()] = val
     return out
 
 
@@ -111,7 +117,9 @@ def check_params(stage: str, params: dict) -> dict:
     """Check a stage's parameters against its notebook: a name of the parameters cell passes; any other field of the stage's
     config goes into the notebook's `config` parameter (a dict passed on to the config); anything else is refused, naming it."""
     known = stage_parameters(stage)
-    out, extra = {}, dict((params or {}).get("config") or {})
+    extra = (params or {}).get("config") or {}
+    if not isinstance(extra, dict): raise ConfigError(f"stage {stage}: config = {extra!r:.60}: expected a mapping of {stage_config(stage).__name__} fields")
+    out, extra = {}, dict(extra)
     for k, v in (params or {}).items():
         if k == "config": continue
         if k == "run_dir": raise ConfigError(f"stage {stage}: run_dir is set by the runner (use --run-dir or the batch folder)")
@@ -137,7 +145,9 @@ def stage_done(run_dir, stage: str, signature: str = None) -> dict:
     "The completion record of `stage` in a run folder (with `signature`: only when it matches), or None."
     marker = Path(run_dir) / ".stages" / f"{stage}.json"
     if not marker.is_file(): return None
-    rec = json.loads(marker.read_text())
+    try: rec = json.loads(marker.read_text())
+    except ValueError:   # a damaged marker (it is written atomically, so only by hand): the stage has not finished
+        warnings.warn(f"{marker} is not valid JSON: stage {stage!r} runs again", stacklevel=2); return None
     return rec if signature is None or rec.get("signature") == signature else None
 
 
@@ -192,6 +202,8 @@ class BatchConfig(Config):
             if not isinstance(p or {}, dict): raise ConfigError(f"BatchConfig.stages.{s}: expected a mapping of parameters, got {p!r:.60}")
         bad = set(self.sweep) - {"grid", "from"}
         if bad: raise ConfigError(f"BatchConfig.sweep: unknown key(s) {sorted(bad)}; expected grid and from")
+        if self.sweep and (not isinstance(self.sweep.get("grid"), dict) or not self.sweep["grid"]):
+            raise ConfigError(f"BatchConfig.sweep.grid = {self.sweep.get('grid')!r:.60}: expected a mapping {{STAGE.PARAM: [values]}}")
         for k, vals in self.sweep.get("grid", {}).items():
             stage, dot, param = k.partition(".")
             if not dot or stage not in self.stages:
@@ -279,7 +291,9 @@ def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     """Run a batch: the stages before the sweep once into `<runs>/<name>/`, then every variant of the sweep into
     `<runs>/<name>/variants/<variant>/`; finished stages are skipped; a failed stage stops its run (what follows depends on
     it) and the batch goes on with the other variants. Writes report.md. Returns {runs: {name: [stage results]}, failed}."""
+    if not cfg.stages: raise ConfigError(f"batch {cfg.name!r} has no stages: expected a mapping stages: {{STAGE: {{PARAM: VALUE}}}}")
     root = Path(cfg.runs) / cfg.name
+    if root.exists() and not root.is_dir(): raise ConfigError(f"the batch folder {root} is a file")
     root.mkdir(parents=True, exist_ok=True)
     cfg.save(root / "batch.yaml")
     order = cfg.ordered
@@ -465,7 +479,7 @@ def _stage_command(stage: str):
                 param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="NAME=VALUE, repeatable")] = None,
                 force: Annotated[bool, typer.Option(help="run even if it finished before with the same parameters")] = False):
         try: r = run_stage(stage, run_dir, parse_params(param), force=force, log=lambda m: typer.echo(m, err=True))
-        except (ConfigError, FileNotFoundError) as e: _fail(e)
+        except (ConfigError, OSError) as e: _fail(e)   # OSError: a run folder that is a file, say
         if r["status"] == "failed": raise typer.Exit(1)
     run_app.command(stage, short_help=f"run {STAGES[stage]}", cls=_StageCommand)(command)
 
@@ -501,8 +515,9 @@ def _batch_command(
         stages = {s: {**(p or {}), **over.get(s, {})} for s, p in cfg.stages.items()}
         cfg = cfg.with_overrides(stages=stages, **({"name": name} if name else {}), **({"runs": str(runs)} if runs else {}))
         for s, p in cfg.stages.items(): check_params(s, p)
+        for k, vals in cfg.sweep.get("grid", {}).items(): check_params(k.split(".")[0], {k.split(".", 1)[1]: vals[0]})   # before anything runs
         r = run_batch(cfg, force=force, log=lambda m: typer.echo(m, err=True))
-    except (ConfigError, FileNotFoundError) as e: _fail(e)
+    except (ConfigError, OSError) as e: _fail(e)
     typer.echo(Path(r["report"]).read_text())
     if r["failed"]: raise typer.Exit(1)
 
@@ -510,5 +525,6 @@ def _batch_command(
 @app.command("report")
 def _report_command(folder: Annotated[Path, typer.Argument(help="a batch folder (RUNS/NAME)", show_default=False)]):
     "Write FOLDER/report.md from the metrics of the batch's runs (stage times, sweep tables, evaluation) and print it."
-    if not folder.is_dir(): _fail(FileNotFoundError(f"batch folder {folder} does not exist"))
-    typer.echo(write_report(folder).read_text())
+    if not folder.is_dir(): _fail(FileNotFoundError(f"batch folder {folder} {'is a file' if folder.exists() else 'does not exist'}"))
+    try: typer.echo(write_report(folder).read_text())
+    except ConfigError as e: _fail(e)

@@ -238,7 +238,7 @@ def _bench_reward_command(
     try:
         r = bench_reward(device, backbone, images, batch_size, dtype, layers, heads, loop_pairs, loop_batch, loop_dtype, warmup, seed,
                          log=lambda msg: typer.echo(msg, err=True))
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:   # OSError: a weights folder that is missing or unreadable
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     finish_bench(format_reward_bench(r), r, json_path, r["scores"]["agree"])

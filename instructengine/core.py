@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['RUN_LAYOUT', 'ConfigError', 'load_yaml', 'dump_yaml', 'to_jsonable', 'Config', 'seed_everything', 'pick_device',
            'pick_dtype', 'make_accelerator', 'process_state', 'mean_over_processes', 'atomic_write_bytes',
-           'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'RecordStore', 'ImageStoreError', 'StoredImage',
-           'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints', 'progress_enabled', 'progress', 'hub_offline',
-           'hub_kwargs', 'from_hub']
+           'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'require_fields', 'RecordStore', 'ImageStoreError',
+           'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints', 'progress_enabled', 'progress',
+           'hub_offline', 'hub_kwargs', 'from_hub']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import contextlib
@@ -150,6 +150,16 @@ class Config:
 
     def validate(self):
         "Override to check values beyond their types; raise `ConfigError` naming the field."
+
+    def check_at_least(self, **lows):
+        "For `validate`: refuse the first field below its lower bound, naming it (`self.check_at_least(batch_size=1, limit=0)`)."
+        for k, lo in lows.items():
+            if getattr(self, k) < lo: raise ConfigError(f"{type(self).__name__}.{k} = {getattr(self, k)}: expected at least {lo}")
+
+    def check_positive(self, *names):
+        "For `validate`: refuse the first of these fields that is not above zero, naming it."
+        for k in names:
+            if not getattr(self, k) > 0: raise ConfigError(f"{type(self).__name__}.{k} = {getattr(self, k)}: expected a number above 0")
 
     @classmethod
     def from_dict(cls, d, _name: str | None = None):
@@ -489,6 +499,16 @@ class RecordLog:
     def __contains__(self, rid) -> bool:
         self._catch_up()
         return rid in self._status
+
+
+def require_fields(records, fields: tuple, source) -> list:
+    "The records as a list; one that lacks any of `fields` raises ValueError naming `source`, the record and what it lacks."
+    out = list(records)
+    for i, r in enumerate(out):
+        missing = [f for f in fields if f not in r]
+        if missing: raise ValueError(f"{source}: record {r.get('id', f'number {i + 1}')!r} lacks {', '.join(map(repr, missing))}; "
+                                     f"every record there needs {', '.join(fields)}")
+    return out
 
 # %% ../nbs/00_core.ipynb #a04c1317
 class RecordStore(RecordLog):

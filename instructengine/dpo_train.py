@@ -72,8 +72,9 @@ class DPOConfig(Config):
         except ConfigError as e: raise ConfigError(f"DPOConfig.{e}") from None
         if self.data == "pairs" and self.method != "sft" and set(w) != {"image_a"}:
             raise ConfigError(f"DPOConfig: data 'pairs' has one instruction per pair, so only the image_a term applies (got {sorted(w)}); use method 'dpo' with weights {{image_a: 1}} or data 'quads'")
-        for k in ("max_steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, k) < 1: raise ConfigError(f"DPOConfig.{k} = {getattr(self, k)}: expected >= 1")
+        self.check_at_least(**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "lora_rank", "checkpoint_every", "keep_checkpoints", "log_every"), 1),
+                            warmup_steps=0, eval_per_prompt=0, eval_limit=0, study_seeds=1, lr=0)
+        self.check_positive("beta")   # a negative beta would train the loser up
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"DPOConfig.mixed_precision = {self.mixed_precision!r}: expected 'auto', 'no', 'bf16' or 'fp16'")
 

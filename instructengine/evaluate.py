@@ -248,10 +248,8 @@ class EvaluateConfig(Config):
     def scorer_specs(self) -> list: return [s.strip() for s in self.scorers.split(",") if s.strip()]
 
     def validate(self):
-        for k in ("per_prompt", "num_inference_steps", "batch_size", "n_boot"):
-            if getattr(self, k) < 1: raise ConfigError(f"EvaluateConfig.{k} = {getattr(self, k)}: expected >= 1")
-        for k in ("limit", "height", "width", "seed", "guidance_scale"):
-            if getattr(self, k) < 0: raise ConfigError(f"EvaluateConfig.{k} = {getattr(self, k)}: expected >= 0")
+        self.check_at_least(**dict.fromkeys(("per_prompt", "num_inference_steps", "batch_size", "n_boot"), 1),
+                            **dict.fromkeys(("limit", "height", "width", "seed", "guidance_scale"), 0))
         if not self.run_dir: raise ConfigError("EvaluateConfig.run_dir is empty: expected a run folder")
         try: benchmark_name(self.benchmark)
         except ValueError as e: raise ConfigError(f"EvaluateConfig.benchmark: {e}") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusers import (AutoPipelineForText2Image, DiffusionPipeline, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
-from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, from_hub, pick_device, pick_dtype, process_state, progress
+from .core import Config, ImageStore, RecordLog, RecordStore, RunDir, from_hub, pick_device, pick_dtype, process_state, progress, require_fields
 from .sandbox_generator import generate, load_sandbox_generator, warn_long_prompts
 
 # %% ../nbs/03_generate.ipynb #2e7ae66d
@@ -126,6 +126,9 @@ class GenerateConfig(Config):
     batch_size: int = 16
     limit: int = 0              # generate for the first `limit` pairs only (0 = all)
 
+    def validate(self):
+        self.check_at_least(images_per_instruction=1, num_inference_steps=1, batch_size=1, guidance_scale=0, height=0, width=0, limit=0)
+
 
 def run_generate(cfg: GenerateConfig) -> dict:
     "The stage: images for both sides of every pair in `instructions.jsonl`, resumable, sharded over accelerate's processes."
@@ -133,7 +136,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     run = RunDir(cfg.run_dir)
     if state.is_main_process: run.write_config("generate", cfg)
     if not run.instructions.is_file(): raise FileNotFoundError(f"{run.instructions} does not exist: run the taxonomy stage first")
-    pairs = list(RecordLog(run.instructions).latest().values())
+    pairs = require_fields(RecordLog(run.instructions).latest().values(), ("id", "a", "b"), run.instructions)
     pairs = pairs[:cfg.limit] if cfg.limit else pairs
     pipe = load_generator(GeneratorSpec(cfg.model, cfg.lora, cfg.lora_scale, cfg.scheduler, device=str(state.device)))
     t0 = time.time()

@@ -154,6 +154,8 @@ def load_backbone(spec: str, weights: str = "", patch_norm: bool = False, device
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
         folder = spec[3:]
         if weights: raise ValueError(f"backbone {spec!r}: an HF folder holds its own weights; `weights` must be empty, got {weights!r}")
+        if folder.startswith(("/", ".", "~")) and not Path(folder).expanduser().is_dir():   # a path, not a hub id
+            raise FileNotFoundError(f"backbone {spec!r}: there is no folder {folder}")
         return HFClipBackbone(CLIPModel.from_pretrained(folder).to(device).eval(), CLIPTokenizer.from_pretrained(folder),
                               CLIPImageProcessor.from_pretrained(folder), patch_norm)
     import open_clip
@@ -234,6 +236,8 @@ class MPSModel(nn.Module):
         self.cfg = cfg or MPSConfig()
         self.backbone = backbone or load_backbone(self.cfg.backbone, self.cfg.backbone_weights, self.cfg.patch_norm)
         dim = self.backbone.encode_text(self.backbone.tokenize(["a"]).to(self.backbone.logit_scale.device))[1].shape[-1]
+        if self.cfg.use_fusion and dim % self.cfg.heads:
+            raise ValueError(f"MPSConfig.heads = {self.cfg.heads}: must divide the backbone's embedding width {dim} ({self.cfg.backbone})")
         self.fusion = nn.ModuleList(FusionLayer(dim, self.cfg.heads) for _ in range(self.cfg.layers)) if self.cfg.use_fusion else nn.ModuleList()
         self._special = torch.tensor(sorted(self.backbone.special_ids()))
 

@@ -125,8 +125,8 @@ class RewardTrainConfig(Config):
         if self.data not in ("aspects", "pairs"): raise ConfigError(f"RewardTrainConfig.data = {self.data!r}: expected 'aspects' or 'pairs'")
         if self.mixed_precision not in ("no", "bf16", "auto"):
             raise ConfigError(f"RewardTrainConfig.mixed_precision = {self.mixed_precision!r}: expected 'no', 'bf16' or 'auto'")
-        for k in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, k) < 1: raise ConfigError(f"RewardTrainConfig.{k} = {getattr(self, k)}: expected at least 1")
+        self.check_at_least(batch_size=1, grad_accum=1, checkpoint_every=1, keep_checkpoints=1, max_steps=0, warmup_steps=0, backbone_lr=0)
+        self.check_positive("lr", "epochs")
         if not 0 <= self.test_fraction < 1: raise ConfigError(f"RewardTrainConfig.test_fraction = {self.test_fraction}: expected a value in [0, 1)")
         unknown = [d for d in self.dimensions if d not in self.model.conditions]
         if unknown: raise ConfigError(f"RewardTrainConfig.dimensions: {unknown} have no condition words in model.conditions ({', '.join(self.model.conditions)})")

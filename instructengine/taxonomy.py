@@ -825,6 +825,9 @@ class TaxonomyRunConfig(Config):
     llm_temperature: float = 0.7
     llm_concurrency: int = 4
 
+    def validate(self):
+        self.check_at_least(pairs_per_subtopic=1, llm_concurrency=1)
+
 
 def make_writer(cfg: TaxonomyRunConfig, taxonomy: Taxonomy, cache_dir=None) -> InstructionWriter:
     kind = cfg.writer if cfg.writer != "auto" else ("sandbox" if taxonomy.name == "sandbox" else "template")

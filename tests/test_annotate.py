@@ -278,3 +278,21 @@ def test_another_rubric_or_a_regenerated_image_is_judged_again(tmp_path):
     annotate(judge, annotation_tasks(pairs, images, [judge.name]), run)
     again = [r for r in RecordLog(run.annotations)][2 * before:]
     assert again and {r["image_id"] for r in again} == {images[0]["id"]}
+
+
+def test_records_lacking_a_field_are_named(tmp_path):
+    "A hand-edited or foreign images.jsonl / instructions.jsonl: the stage names the file, the record and the missing field."
+    run = make_run(tmp_path, n_pairs=2, per_side=1)
+    recs = [json.loads(line) for line in run.image_records.read_text().splitlines()]
+    del recs[1]["path"]
+    run.image_records.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ValueError, match=r"images.jsonl: record 'sandbox/p#0\|b\|0' lacks 'path'"):
+        run_annotate(AnnotateConfig(run_dir=str(run.root), judges=["oracle"], rules=[{"rule": "follows_own"}]))
+    pairs = [json.loads(line) for line in run.instructions.read_text().splitlines()]
+    del pairs[0]["b"]
+    run.instructions.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    from instructengine.generate import GenerateConfig, run_generate
+    for stage, cfg in ((run_annotate, AnnotateConfig(run_dir=str(run.root), judges=["oracle"], rules=[{"rule": "follows_own"}])),
+                       (run_generate, GenerateConfig(run_dir=str(run.root)))):
+        with pytest.raises(ValueError, match=r"instructions.jsonl: record 'sandbox/p#0' lacks 'b'; every record there needs id, a, b"):
+            stage(cfg)

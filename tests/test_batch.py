@@ -50,7 +50,30 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
     assert r.returncode == 2 and "sandbox-smoke" in r.stderr
     r = cli("batch", "sandbox-smoke", "--set", "dpo.max_step=3", "--runs", str(tmp_path / "runs"))
     assert r.returncode == 2 and "did you mean 'max_steps'" in r.stderr
+    cases = {"stages: {taxonomy: {}, generate: {}}\nsweep: {grid: {generate.limt: [1, 2]}}\n": "did you mean 'limit'",   # a grid typo
+             "stages: {taxonomy: {}}\nsweep: {from: taxonomy}\n": "sweep.grid = None: expected a mapping",
+             "stages: {taxonomy: {}}\nsweep: {grid: [taxonomy.seed]}\n": "expected a mapping {STAGE.PARAM: [values]}",
+             "": "has no stages"}
+    for text, message in cases.items():
+        bad.write_text(text)
+        r = cli("batch", str(bad), "--runs", str(tmp_path / "runs"))
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (text, r.stderr[-500:])
     assert not (tmp_path / "runs").exists()
+    (tmp_path / "a-file").write_text("")
+    for args, message in ((["run", "taxonomy", "--run-dir", str(tmp_path / "a-file")], "error: "),
+                          (["batch", "sandbox-smoke", "--runs", str(tmp_path / "a-file")], "error: "),
+                          (["report", str(tmp_path / "a-file")], "is a file"),
+                          (["run", "dpo", "--run-dir", str(tmp_path / "r"), "-p", "config=5"], "expected a mapping of DPOConfig fields")):
+        r = cli(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
+
+
+def test_damaged_stage_marker_means_not_finished(tmp_path):
+    from instructengine.batch import stage_done
+    (tmp_path / ".stages").mkdir()
+    (tmp_path / ".stages" / "taxonomy.json").write_text('{"stage": "taxo')
+    with pytest.warns(UserWarning, match="not valid JSON: stage 'taxonomy' runs again"):
+        assert stage_done(tmp_path, "taxonomy") is None
 
 
 def test_failed_stage_is_recorded_and_reported(tmp_path):

@@ -144,3 +144,29 @@ def test_run_dir_stage_sections(tmp_path):
     with pytest.raises(ConfigError, match="expected a mapping of stage names to configs"): run.read_config()
     run.config.write_text("dpo:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"config\.yaml: dpo: unknown key 'stepz'"): run.read_config("dpo", Outer)
+
+
+def _stage_configs():
+    from instructengine.annotate import AnnotateConfig
+    from instructengine.dpo_train import DPOConfig
+    from instructengine.generate import GenerateConfig
+    from instructengine.reward_train import RewardTrainConfig
+    from instructengine.taxonomy import TaxonomyRunConfig
+    return {c.__name__: c for c in (AnnotateConfig, DPOConfig, GenerateConfig, RewardTrainConfig, TaxonomyRunConfig)}
+
+
+@pytest.mark.parametrize("cls, field, value, expected", [
+    ("GenerateConfig", "limit", -169, "expected at least 0"),          # pairs[:-169] used to drop pairs from the end
+    ("GenerateConfig", "images_per_instruction", 0, "expected at least 1"),
+    ("GenerateConfig", "num_inference_steps", 0, "expected at least 1"),
+    ("GenerateConfig", "guidance_scale", -3.0, "expected at least 0"),
+    ("AnnotateConfig", "limit", -1, "expected at least 0"),
+    ("AnnotateConfig", "rating_margin", 0.0, "expected a number above 0"),
+    ("DPOConfig", "beta", -5.0, "expected a number above 0"),          # a negative beta trains the loser up
+    ("DPOConfig", "lr", -1.0, "expected at least 0"),
+    ("RewardTrainConfig", "lr", 0.0, "expected a number above 0"),
+    ("TaxonomyRunConfig", "pairs_per_subtopic", -2, "expected at least 1"),
+])
+def test_stage_configs_refuse_out_of_range_values(cls, field, value, expected):
+    with pytest.raises(ConfigError) as e: _stage_configs()[cls].from_dict({field: value})
+    assert str(e.value) == f"{cls}.{field} = {value}: {expected}"
