@@ -691,8 +691,8 @@ class AnnotateConfig(Config):
     pairing: str = "same_seed"       # which images of a pair form quads: "same_seed" or "all"
     score_judge: str = "oracle"      # whose scores go into pairs.parquet and make the rating pairs
     rating_pairs: bool = True        # add VisionPrefer's pairs: images of one instruction whose aspect scores differ
-    rating_margin: float = 1.0
-    batch_size: int = 64
+    rating_margin: float = 1.0        # least score difference of a rating pair
+    batch_size: int = 64              # tasks a judge call
     limit: int = 0                   # annotate the images of the first `limit` pairs only (0 = all)
 
     def validate(self):

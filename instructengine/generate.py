@@ -115,15 +115,15 @@ class GenerateConfig(Config):
     run_dir: str = "../runs/sandbox"
     model: str = "sandbox"
     lora: str = ""
-    lora_scale: float = 1.0
-    scheduler: str = ""
+    lora_scale: float = 1.0           # strength of the LoRA (0 = the base model)
+    scheduler: str = ""               # "" = the pipeline's own; else a key of SCHEDULERS (ddim, euler, ...)
     images_per_instruction: int = 2
     seed: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     height: int = 0             # 0 = the model's default
-    width: int = 0
-    batch_size: int = 16
+    width: int = 0                    # 0 = the model's default
+    batch_size: int = 16              # images a pipeline call
     limit: int = 0              # generate for the first `limit` pairs only (0 = all)
 
     def validate(self):

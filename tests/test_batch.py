@@ -31,6 +31,8 @@ def test_help_lists_every_stage_parameter():
         assert r.exit_code == 0, stage
         for p in [*stage_parameters(stage), *(config_fields(stage) if "config" in stage_parameters(stage) else [])]:
             assert p in ("run_dir", "config") or f"  {p} (" in r.output, (stage, p)
+        if "config" in stage_parameters(stage):   # every field the help lists says what it is
+            assert not [k for k, v in config_fields(stage).items() if not v["help"] and k != "run_dir"], stage
 
 
 def test_shipped_configs_are_valid():
