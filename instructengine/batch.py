@@ -293,7 +293,6 @@ def run_batch(cfg: BatchConfig, force: bool = False, log=print) -> dict:
     it) and the batch goes on with the other variants. Writes report.md. Returns {runs: {name: [stage results]}, failed}."""
     if not cfg.stages: raise ConfigError(f"batch {cfg.name!r} has no stages: expected a mapping stages: {{STAGE: {{PARAM: VALUE}}}}")
     root = Path(cfg.runs) / cfg.name
-    if root.exists() and not root.is_dir(): raise ConfigError(f"the batch folder {root} is a file")
     root.mkdir(parents=True, exist_ok=True)
     cfg.save(root / "batch.yaml")
     order = cfg.ordered
@@ -515,7 +514,8 @@ def _batch_command(
         stages = {s: {**(p or {}), **over.get(s, {})} for s, p in cfg.stages.items()}
         cfg = cfg.with_overrides(stages=stages, **({"name": name} if name else {}), **({"runs": str(runs)} if runs else {}))
         for s, p in cfg.stages.items(): check_params(s, p)
-        for k, vals in cfg.sweep.get("grid", {}).items(): check_params(k.split(".")[0], {k.split(".", 1)[1]: vals[0]})   # before anything runs
+        for k, vals in cfg.sweep.get("grid", {}).items():   # grid names too, before anything runs
+            stage, _, param = k.partition("."); check_params(stage, {param: vals[0]})
         r = run_batch(cfg, force=force, log=lambda m: typer.echo(m, err=True))
     except (ConfigError, OSError) as e: _fail(e)
     typer.echo(Path(r["report"]).read_text())

@@ -500,7 +500,7 @@ class RecordLog:
         self._catch_up()
         return rid in self._status
 
-
+# %% ../nbs/00_core.ipynb #b6641983
 def require_fields(records, fields: tuple, source) -> list:
     "The records as a list; one that lacks any of `fields` raises ValueError naming `source`, the record and what it lacks."
     out = list(records)

@@ -36,33 +36,33 @@ class DPOConfig(Config):
     sft_weight: float = 0.0         # add this times the SFT loss on the winners to a DPO method's loss (0 = pure DPO)
     resolution: int = 0             # 0 = the model's default size
     lora_rank: int = 8
-    lora_alpha: float = 8.0           # LoRA scaling is alpha / rank
+    lora_alpha: float = 8.0         # LoRA scaling is alpha / rank
     lora_targets: str = LORA_TARGETS   # comma-separated UNet module names that get adapters
-    lora_dropout: float = 0.0         # dropout on the LoRA path
+    lora_dropout: float = 0.0       # dropout on the LoRA path
     full_finetune: bool = False     # train the whole UNet against a frozen copy instead of a LoRA
     max_steps: int = 200
     batch_size: int = 16            # quads (or pairs) a step, over all processes, before accumulation
-    grad_accum: int = 1               # micro-batches an optimizer step
+    grad_accum: int = 1             # micro-batches an optimizer step
     lr: float = 1e-4
     lr_scheduler: str = "constant_with_warmup"   # any diffusers.optimization scheduler name
-    warmup_steps: int = 20            # linear warmup of the learning rate
-    weight_decay: float = 1e-2        # AdamW's
-    grad_clip: float = 1.0            # largest gradient norm (0 = no clipping)
+    warmup_steps: int = 20          # linear warmup of the learning rate
+    weight_decay: float = 1e-2      # AdamW's
+    grad_clip: float = 1.0          # largest gradient norm (0 = no clipping)
     mixed_precision: str = "auto"   # "auto" (bf16 on a GPU, else none), "no", "bf16", "fp16"
     gradient_checkpointing: bool = False   # recompute UNet activations in the backward pass (less memory, slower)
     compile: bool = False           # torch.compile the UNet
     flip: bool = False              # mirror each quad at random (both latents cached)
     balance: str = ""               # a quads column (or "theme": the taxonomy theme in pair_id) whose values are drawn equally often ("" = uniform)
     latent_sample: bool = False     # draw the latents from the cached VAE distribution each step (False: take its mean)
-    checkpoint_every: int = 100       # steps between checkpoints (resume points)
-    keep_checkpoints: int = 2         # the newest ones kept
+    checkpoint_every: int = 100     # steps between checkpoints (resume points)
+    keep_checkpoints: int = 2       # the newest ones kept
     log_every: int = 10             # steps between TensorBoard points (train_log.csv has every step)
     tensorboard: bool = True        # also log to TensorBoard (when installed), beside train_log.csv
     seed: int = 0
     out: str = "dpo"                # relative to run_dir
     eval_per_prompt: int = 2        # ShapesBench images a prompt before and after (0 = no ShapesBench: not a sandbox model)
     eval_limit: int = 0             # ShapesBench prompts a category (0 = all 25)
-    eval_seed: int = 0                # seed of the ShapesBench images before and after
+    eval_seed: int = 0              # seed of the ShapesBench images before and after
     study: str = ""                 # methods to compare at an equal image budget, e.g. "cv,dpo,text,sft" ("" = none)
     study_seeds: int = 3
 

@@ -103,22 +103,22 @@ class RewardTrainConfig(Config):
     dimension_map: dict = field(default_factory=dict)   # data dimension -> model dimension ({"content": "prompt_following"})
     ties: bool = True             # train on pairs labelled a tie too, as MPS does (their loss pulls the two scores together)
     test_fraction: float = 0.2    # held out by contrast pair: no prompt or image of the test set is trained on
-    split_seed: int = 0               # seed of the train/test split
+    split_seed: int = 0           # seed of the train/test split
     epochs: float = 4.0
     max_steps: int = 0            # optimizer steps (0: `epochs` decides)
     batch_size: int = 32          # pairs per micro-batch (over all processes)
     grad_accum: int = 1           # micro-batches per optimizer step
     lr: float = 3e-4              # fusion layers
     backbone_lr: float = 1e-5     # the CLIP, when it trains
-    weight_decay: float = 0.01        # AdamW's
+    weight_decay: float = 0.01    # AdamW's
     warmup_steps: int = 50
     grad_clip: float = 1.0        # largest gradient norm (0: no clipping)
     freeze: str = "none"          # "none" (MPS), "text", "all" or "all-but-last-N"
     mixed_precision: str = "auto" # "no", "bf16", or "auto" (bf16 on a GPU)
     checkpoint_every: int = 100   # optimizer steps
-    keep_checkpoints: int = 2         # the newest ones kept
+    keep_checkpoints: int = 2     # the newest ones kept
     cache_pixels: bool = True     # keep every preprocessed image in memory (small data sets)
-    seed: int = 0                     # training seed
+    seed: int = 0                 # training seed
     out: str = "reward"           # the model folder, inside run_dir unless absolute
 
     def validate(self):

@@ -816,14 +816,14 @@ class TaxonomyRunConfig(Config):
     taxonomy: str = "sandbox"            # "sandbox", "default" or a YAML/JSON file
     writer: str = "auto"                 # "auto" (sandbox taxonomy -> "sandbox", else "template"), "template", "sandbox", "openai", "transformers"
     pairs_per_subtopic: int = 5
-    dimension_cycle: str = "content,aesthetics,counterfactual"   # the dimensions pairs are written for, in turn (content, aesthetics, counterfactual)
+    dimension_cycle: str = "content,aesthetics,counterfactual"   # the dimension of each pair of a subtopic, in turn: pair 0 the first, pair 1 the second, ...
     seed: int = 0
     dedup_threshold: float = 0.95        # cosine on both sides of a pair
     group_threshold: float = 0.8         # cosine of edit vectors
     llm_base_url: str = ""               # openai writer ("" = $OPENAI_BASE_URL)
     llm_model: str = ""                  # openai: model name; transformers: folder or hub id
-    llm_temperature: float = 0.7      # sampling temperature of the LLM writers
-    llm_concurrency: int = 4          # requests in flight at once (openai writer)
+    llm_temperature: float = 0.7         # sampling temperature of the LLM writers
+    llm_concurrency: int = 4             # requests in flight at once (openai writer)
 
     def validate(self):
         self.check_at_least(pairs_per_subtopic=1, llm_concurrency=1)
