@@ -360,7 +360,7 @@ def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard
     images = ImageStore(run.images)
     with RecordStore(run.annotations, batch_size=256, flush_every=5.0) as store:
         mine = [t | {"rubric": judge.rubric} for t in tasks if t["judge"] == judge.name]
-        todo = store.pending(mine, status=FINAL_STATUSES, same=("rubric", "sha256"))[rank::world]
+        todo = store.pending(mine[rank::world], status=FINAL_STATUSES, same=("rubric", "sha256"))   # shard, then skip what is done (as generation)
         for k in progress(range(0, len(todo), batch_size), desc=f"judge {judge.name}"):
             loaded, cache = [], {}
             for t in todo[k:k + batch_size]:
@@ -691,8 +691,8 @@ class AnnotateConfig(Config):
     pairing: str = "same_seed"       # which images of a pair form quads: "same_seed" or "all"
     score_judge: str = "oracle"      # whose scores go into pairs.parquet and make the rating pairs
     rating_pairs: bool = True        # add VisionPrefer's pairs: images of one instruction whose aspect scores differ
-    rating_margin: float = 1.0        # least score difference of a rating pair
-    batch_size: int = 64              # tasks a judge call
+    rating_margin: float = 1.0       # least score difference of a rating pair
+    batch_size: int = 64             # tasks a judge call
     limit: int = 0                   # annotate the images of the first `limit` pairs only (0 = all)
 
     def validate(self):

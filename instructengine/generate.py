@@ -95,7 +95,8 @@ def generate_images(pipe, jobs: list, run: RunDir, batch_size: int = 16, generat
     images = ImageStore(run.images)
     meta = {"generator": generator_name, **(settings or {}), **{k: v for k, v in kwargs.items() if v is not None}}
     with RecordStore(run.image_records, batch_size=64, flush_every=5.0) as store:
-        todo = store.pending([{**j, **meta} for j in jobs], status="ok", same=("prompt", "seed", *meta))[rank::world]
+        # shard first, then skip what is done: the other process may already have written records when this one reads
+        todo = store.pending([{**j, **meta} for j in jobs[rank::world]], status="ok", same=("prompt", "seed", *meta))
         warn_long_prompts(pipe, [j["prompt"] for j in todo])   # once here, not once a batch
         for i in progress(range(0, len(todo), batch_size), desc="images"):
             batch = todo[i:i + batch_size]
@@ -115,15 +116,15 @@ class GenerateConfig(Config):
     run_dir: str = "../runs/sandbox"
     model: str = "sandbox"
     lora: str = ""
-    lora_scale: float = 1.0           # strength of the LoRA (0 = the base model)
-    scheduler: str = ""               # "" = the pipeline's own; else a key of SCHEDULERS (ddim, euler, ...)
+    lora_scale: float = 1.0     # strength of the LoRA (0 = the base model)
+    scheduler: str = ""         # "" = the pipeline's own; else a key of SCHEDULERS (ddim, euler, ...)
     images_per_instruction: int = 2
     seed: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     height: int = 0             # 0 = the model's default
-    width: int = 0                    # 0 = the model's default
-    batch_size: int = 16              # images a pipeline call
+    width: int = 0              # 0 = the model's default
+    batch_size: int = 16        # images a pipeline call
     limit: int = 0              # generate for the first `limit` pairs only (0 = all)
 
     def validate(self):

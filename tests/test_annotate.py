@@ -162,6 +162,18 @@ def test_corrupt_and_missing_images_are_recorded_by_path(tmp_path):
     assert missing in errors[images[3]["id"]] and "does not exist" in errors[images[3]["id"]]
 
 
+
+def test_a_shard_that_starts_late_judges_its_whole_share(tmp_path):
+    "Shard 1 starting after shard 0 has written its judgments still asks all of its own share, and nothing twice."
+    run = make_run(tmp_path, n_pairs=2, per_side=1)
+    pairs, images = load(run)
+    tasks = annotation_tasks(pairs, images, ["oracle"])
+    assert annotate(OracleJudge(), tasks, run, shard=(0, 2)) == {"ok": (len(tasks) + 1) // 2}
+    assert annotate(OracleJudge(), tasks, run, shard=(1, 2)) == {"ok": len(tasks)}
+    ids = [json.loads(line)["id"] for line in run.annotations.read_text().splitlines()]
+    assert sorted(ids) == sorted(t["id"] for t in tasks)
+
+
 SCRIPT = """
 import sys, time
 from instructengine.annotate import OracleJudge, annotate, annotation_tasks

@@ -192,6 +192,17 @@ def test_two_processes_share_the_work(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["generate"]["images"] == 12
 
 
+
+def test_a_shard_that_starts_late_makes_its_whole_share(tmp_path):
+    "Shard 1 starting after shard 0 has written its records still makes all of its own share: shards are cut before what is done is skipped."
+    pipe, run = load_generator("sandbox"), RunDir(tmp_path / "run")
+    jobs = image_jobs([{"id": f"p#{i}", "a": "a red circle", "b": "two blue squares"} for i in range(3)], 1)
+    assert generate_images(pipe, jobs, run, batch_size=2, shard=(0, 2), num_inference_steps=2) == {"ok": 3}
+    assert generate_images(pipe, jobs, run, batch_size=2, shard=(1, 2), num_inference_steps=2) == {"ok": 6}   # 4 when the cut came after
+    ids = [json.loads(line)["id"] for line in run.image_records.read_text().splitlines()]
+    assert sorted(ids) == sorted(j["id"] for j in jobs)   # each image once
+
+
 @pytest.mark.parametrize("which", ["tiny_sd", "tiny_sdxl"])
 def test_long_prompts_are_reported_once_not_once_a_batch(which, request, tmp_path):
     import logging
