@@ -1,6 +1,7 @@
 "Run a script as two real processes on the CPU (torchrun, gloo), the way `accelerate launch` runs it on two GPUs."
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,9 @@ def run_processes(script, *args, n: int = 2, timeout: int = 300) -> list:
     launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
     out = subprocess.run([*launcher, str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
-    found = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    # The processes share one stdout, and unbuffered (PYTHONUNBUFFERED=1) a print writes its text and its newline apart,
+    # so two results can land on one line: read each JSON object that follows a "RESULT ", wherever it is.
+    decode = json.JSONDecoder().raw_decode
+    found = [decode(out.stdout, m.end())[0] for m in re.finditer(r"RESULT (?=\{)", out.stdout)]
     assert sorted(r["rank"] for r in found) == list(range(n)) and all(r["world"] == n for r in found), (found, out.stderr[-2000:])
     return sorted(found, key=lambda r: r["rank"])
