@@ -636,7 +636,7 @@ class ImageStore:
         path = self.path_for(sha)
         if path.is_file():   # a damaged copy (it does not decode, or its pixels are not its name's) is replaced
             try: self.get(path, verify=True)
-            except ImageStoreError: path.unlink()
+            except ImageStoreError: path.unlink(missing_ok=True)   # another process may have replaced it first
         if not path.is_file():
             buf = io.BytesIO()
             im.save(buf, format="PNG")
