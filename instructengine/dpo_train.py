@@ -180,7 +180,9 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
             trackers = ["tensorboard"]
         except ImportError: log("tensorboard is not installed: logging to train_log.csv only")
     from accelerate.utils import ProjectConfiguration
-    acc = make_accelerator(mp, log_with=trackers or None,
+    # batch_size is the whole batch over all processes, so the schedule takes one step a step; accelerate's default
+    # (step_scheduler_with_optimizer) steps it once per process, which would end warmup k times too soon on k processes
+    acc = make_accelerator(mp, log_with=trackers or None, step_scheduler_with_optimizer=False,
                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     if cfg.batch_size % acc.num_processes:
         raise ConfigError(f"DPOConfig.batch_size = {cfg.batch_size}: expected a multiple of the {acc.num_processes} processes, which take equal shares of every batch")

@@ -175,6 +175,7 @@ def test_two_processes_train_like_one(tiny, tmp_path, method):
         runs[n] = run_processes(script, tmp_path / f"p{n}.yaml", n=n)
     assert runs[2][0]["history"] == runs[2][1]["history"]       # both processes log the same, whole-batch figures
     one, two = runs[1][0]["history"], runs[2][0]["history"]
+    assert [b["lr"] for b in two] == [a["lr"] for a in one]       # one schedule step a step, however many processes
     for a, b in zip(one[:2], two[:2], strict=False):               # before any update: the same gradient, summed in another order
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and b["loss"] == pytest.approx(a["loss"], abs=1e-6)
     gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True))
