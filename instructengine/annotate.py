@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .core import (Config, ConfigError, ImageStore, from_hub, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256, process_state, require_fields,
+from .core import (Config, ConfigError, ImageStore, atomic_write_bytes, from_hub, ImageStoreError, RecordLog, RecordStore, RunDir, image_sha256, process_state, require_fields,
                                  pick_device, pick_dtype, progress, to_pil)
 from .sandbox import ASPECTS, bootstrap_ci, check, parse_caption, rate as oracle_rate, read_image
 from .taxonomy import ChatClient, ChatEndpointConfig, DiskCache, ModelUnavailable, extract_json, load_prompt_file
@@ -724,18 +724,30 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     if cfg.score_judge not in names: raise ConfigError(f"AnnotateConfig.score_judge = {cfg.score_judge!r}: not one of the judges ({', '.join(names)})")
     if state.is_main_process: run.write_config("annotate", cfg)
     tasks = annotation_tasks(pairs, images, names, cfg.rate_other)
-    t0, counts = time.time(), {}
-    for j in judges: counts[j.name] = annotate(j, tasks, run, cfg.batch_size, shard=(state.process_index, state.num_processes))
-    state.wait_for_everyone()
-    if not state.is_main_process: return {}
+    t0 = time.time()
+    for j in judges: annotate(j, tasks, run, cfg.batch_size, shard=(state.process_index, state.num_processes))
+    state.wait_for_everyone()   # every process's judgments are on disk
+    summary = _rules_and_outputs(cfg, run, pairs, images, tasks, names, t0) if state.is_main_process else {}
+    state.wait_for_everyone()   # and the tables are written before any process goes on (to the next stage, in a script)
+    return summary
+
+
+def _rules_and_outputs(cfg, run, pairs, images, tasks, names, t0) -> dict:
+    "The main process's part of the stage, once every judgment is on disk: rules, tables, agreement, metrics."
     t1 = time.time()
-    judgments = Judgments(RecordLog(run.annotations).latest().values())
+    latest = RecordLog(run.annotations).latest()
+    counts = {n: {} for n in names}   # this run's tasks, by judge and status
+    for t in tasks:
+        st = latest.get(t["id"], {}).get("status")
+        if st is not None: counts[t["judge"]][st] = counts[t["judge"]].get(st, 0) + 1
+    judgments = Judgments(latest.values())
     quads = candidate_quads(pairs, images, cfg.pairing)
     kept, rejected, report = apply_rules(quads, cfg.rules, RuleContext(judgments, run))
     table = [pairs_from_quads(kept, judgments, cfg.score_judge)]
     if cfg.rating_pairs: table.append(pairs_from_ratings(pairs, images, judgments, cfg.score_judge, margin=cfg.rating_margin))
     pair_df = pairs_frame(table)
-    kept.to_parquet(run.quads, index=False); pair_df.to_parquet(run.pairs, index=False); rejected.to_parquet(run.rejected, index=False)
+    for df, path in ((kept, run.quads), (pair_df, run.pairs), (rejected, run.rejected)):   # whole files or none
+        buf = io.BytesIO(); df.to_parquet(buf, index=False); atomic_write_bytes(path, buf.getvalue())
     ref = cfg.score_judge
     others = [agreement(judgments, n, ref) for n in names if n != ref]
     (pd.concat(others, ignore_index=True) if others else agreement([], ref, ref)).to_csv(run.agreement, index=False)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, mean_over_processes, progress
+from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, mean_over_processes, process_state, progress
 from .generate import LORA_FILE, GeneratorSpec, load_generator
 from .dpo import (LORA_TARGETS, DPOCache, add_lora, combo_errors, cv_loss, default_resolution, model_key, model_kind, needed_combos,
                                 quad_batch, reference_mode, save_lora, sft_loss, term_weights)
@@ -292,6 +292,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
             log(f"removed {stale.name} of an earlier run: {out} now holds this run's {'UNet' if cfg.full_finetune else 'LoRA'} only")
         pd.DataFrame(history).to_csv(out / "train_log.csv", index=False)
         log(f"dpo: {step} steps, {time.time() - t0:.0f}s")
+    acc.wait_for_everyone()   # the saved LoRA (or UNet) is on disk before any process goes on to load it
     return pipe, history
 
 # %% ../nbs/07a_dpo_train.ipynb #58aa0d06
@@ -352,7 +353,8 @@ def run_dpo(cfg: DPOConfig, log=print) -> dict:
     (`eval/shapesbench-dpo.csv`, a bar plot) and, with `study`, train and score every method for `study_seeds` seeds at
     the same image budget (`<out>/study.csv`). Results go to metrics.json under `dpo`; finished study runs are skipped."""
     run = RunDir(cfg.run_dir)
-    run.write_config("dpo", cfg)
+    main = process_state().is_main_process   # every process trains (and scores); the main one writes the files
+    if main: run.write_config("dpo", cfg)
     out = Path(cfg.out) if Path(cfg.out).is_absolute() else run.root / cfg.out
     t0, data = time.time(), load_dpo_data(cfg)
     _, history = train_dpo(cfg, data, log=log)
@@ -362,16 +364,17 @@ def run_dpo(cfg: DPOConfig, log=print) -> dict:
         bench = bench_subset(cfg.eval_limit)
         base, t1 = base_table(cfg, bench), time.time()
         aligned = _bench_table(cfg, bench, str(out))
-        aligned.to_csv(run.eval / "shapesbench-dpo.csv")
-        import matplotlib.pyplot as plt
-        plt.close(plot_bench({"base": base, f"aligned ({cfg.method})": aligned}, run.eval / "shapesbench-dpo.png"))
+        if main:
+            aligned.to_csv(run.eval / "shapesbench-dpo.csv")
+            import matplotlib.pyplot as plt
+            plt.close(plot_bench({"base": base, f"aligned ({cfg.method})": aligned}, run.eval / "shapesbench-dpo.png"))
         m["shapesbench"] = {"images_per_prompt": cfg.eval_per_prompt, "prompts": int(base.loc["overall", "prompts"]),
                             "base": round(float(base.loc["overall", "exact_match"]), 4), "aligned": round(float(aligned.loc["overall", "exact_match"]), 4),
                             "gain_points": round(100 * float(aligned.loc["overall", "exact_match"] - base.loc["overall", "exact_match"]), 1),
                             "per_category_gain": (aligned["exact_match"] - base["exact_match"]).round(4).to_dict(),
                             "eval_seconds": round(time.time() - t1, 1)}
     if cfg.study: m["study"] = dpo_study(cfg, log=log).to_dict(orient="index")
-    run.update_metrics(m, "dpo")
+    if main: run.update_metrics(m, "dpo")
     return m
 
 # %% ../nbs/07a_dpo_train.ipynb #94d48cf1

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .annotate import Judgments, images_by_side, pairs_frame, read_pairs
-from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, make_accelerator, mean_over_processes, progress, to_jsonable
+from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, make_accelerator, mean_over_processes, process_state, progress, to_jsonable
 from .reward import ClipBackbone, MPSConfig, MPSModel, pairwise_accuracy, preference_loss, save_reward
 from .sandbox import ASPECTS
 
@@ -277,6 +277,7 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     if acc.is_main_process:
         save_reward(model, out)
         pd.DataFrame(history).to_csv(out / "train_log.csv", index=False)
+    acc.wait_for_everyone()   # the saved model is on disk before any process goes on
     return model, history
 
 
@@ -444,7 +445,8 @@ def run_reward(cfg: RewardTrainConfig, ablations: bool = False) -> dict:
     run = RunDir(cfg.run_dir, create=False)
     train, test = load_training_pairs(cfg)
     if ablations and not len(test): raise ValueError(f"run_reward: the ablations compare held-out accuracy, and test_fraction = {cfg.test_fraction} holds out no pairs")
-    run.write_config("reward", cfg)
+    main = process_state().is_main_process   # every process trains and evaluates; the main one writes the files
+    if main: run.write_config("reward", cfg)
     t0 = time.time()
     model, history = train_reward(cfg, train)
     t1 = time.time()
@@ -456,8 +458,7 @@ def run_reward(cfg: RewardTrainConfig, ablations: bool = False) -> dict:
     summary = {"train_pairs": len(train), "test_pairs": len(test), "test_ties_skipped": test_ties, "steps": len(history), "final_loss": history[-1]["loss"]}
     if len(test):
         ev = evaluate_reward(model, test, cfg.run_dir)
-        ev["scores"].to_parquet(out / "test_scores.parquet", index=False)
-        ev["by_gap"].to_csv(out / "accuracy_by_gap.csv")
+        if main: ev["scores"].to_parquet(out / "test_scores.parquet", index=False); ev["by_gap"].to_csv(out / "accuracy_by_gap.csv")
         summary |= {"accuracy": ev["accuracy"]["accuracy"].to_dict(), "decided_test_pairs": ev["accuracy"]["pairs"].to_dict(),
                     "accuracy_by_gap": {d: g.droplevel(0)["accuracy"].to_dict() for d, g in ev["by_gap"].groupby(level=0)},
                     "confusion": ev["confusion"].to_dict(), "ece": ev["ece"]}
@@ -467,8 +468,9 @@ def run_reward(cfg: RewardTrainConfig, ablations: bool = False) -> dict:
     summary["seconds"] = {"train": round(t1 - t0, 1), "evaluate": round(time.time() - t1, 1)}
     if ablations:
         table = reward_ablations(cfg, train, test, base=ev["accuracy"]["accuracy"])
-        table.to_csv(out / "ablations.csv")
+        if main: table.to_csv(out / "ablations.csv")
         summary["ablations"] = table.to_dict()
-    atomic_write_text(out / "metrics.json", json.dumps(to_jsonable(summary), indent=2) + "\n")
-    run.update_metrics({"reward": {k: summary[k] for k in ("train_pairs", "test_pairs", "accuracy", "ece")}})
+    if main:
+        atomic_write_text(out / "metrics.json", json.dumps(to_jsonable(summary), indent=2) + "\n")
+        run.update_metrics({"reward": {k: summary[k] for k in ("train_pairs", "test_pairs", "accuracy", "ece")}})
     return summary | {"evaluation": ev}

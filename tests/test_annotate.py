@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from _loopback import completion, transformers_serve
+from _processes import run_processes
 from instructengine.annotate import (AnnotateConfig, JudgeEndpointConfig, OpenAIJudge, OracleJudge, TransformersJudge, annotate,
                                      annotation_tasks, from_pickapic, load_pickapic, pairs_frame, read_pairs, run_annotate,
                                      to_pickapic)
@@ -172,6 +173,25 @@ def test_a_shard_that_starts_late_judges_its_whole_share(tmp_path):
     assert annotate(OracleJudge(), tasks, run, shard=(1, 2)) == {"ok": len(tasks)}
     ids = [json.loads(line)["id"] for line in run.annotations.read_text().splitlines()]
     assert sorted(ids) == sorted(t["id"] for t in tasks)
+
+
+
+def test_two_processes_judge_their_shares_and_wait_for_the_tables(tmp_path):
+    """Under two processes each judges its share; the stage's figures count both processes' judgments, and neither
+    process returns before the main one has written quads.parquet, which the next stage of a script reads at once."""
+    run = make_run(tmp_path / "run", n_pairs=6, per_side=2)
+    script = tmp_path / "s.py"
+    script.write_text("import json, sys\nimport pandas as pd\nfrom instructengine.core import RunDir, process_state\n"
+                      "from instructengine.annotate import AnnotateConfig, run_annotate\n"
+                      "m = run_annotate(AnnotateConfig(run_dir=sys.argv[1], judges=['oracle'], rules=[{'rule': 'follows_own'}], batch_size=4))\n"
+                      "quads = len(pd.read_parquet(RunDir(sys.argv[1]).quads))\n"
+                      "s = process_state(); print('RESULT ' + json.dumps({'rank': s.process_index, 'world': s.num_processes, 'quads': quads, 'm': m}))\n")
+    results = run_processes(script, run.root)
+    ids = [json.loads(line)["id"] for line in run.annotations.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 72                     # 24 images x 3 questions, each asked once
+    main = results[0]["m"]
+    assert main["judged"] == {"oracle": 72} and results[1]["m"] == {}
+    assert [r["quads"] for r in results] == [main["quads"]] * 2 and main["quads"] > 0
 
 
 SCRIPT = """

@@ -154,11 +154,13 @@ def test_killed_training_resumes_to_the_same_losses(tiny, tmp_path):
 
 
 TRAIN_JSON = """
-import json, sys
+import json, os, sys
 from instructengine.core import process_state
 from instructengine.dpo_train import DPOConfig, train_dpo
-_, h = train_dpo(DPOConfig.from_yaml(open(sys.argv[1]).read()), log=None)
-s = process_state(); print("RESULT " + json.dumps({"rank": s.process_index, "world": s.num_processes, "history": h}))
+cfg = DPOConfig.from_yaml(open(sys.argv[1]).read())
+_, h = train_dpo(cfg, log=None)
+saved = os.path.isfile(os.path.join(cfg.out, "pytorch_lora_weights.safetensors"))   # on every process, once train_dpo returns
+s = process_state(); print("RESULT " + json.dumps({"rank": s.process_index, "world": s.num_processes, "history": h, "saved": saved}))
 """
 
 
@@ -174,6 +176,7 @@ def test_two_processes_train_like_one(tiny, tmp_path, method):
         cfg.save(tmp_path / f"p{n}.yaml")
         runs[n] = run_processes(script, tmp_path / f"p{n}.yaml", n=n)
     assert runs[2][0]["history"] == runs[2][1]["history"]       # both processes log the same, whole-batch figures
+    assert [r["saved"] for r in runs[2]] == [True, True]          # no process returns before the LoRA is on disk
     one, two = runs[1][0]["history"], runs[2][0]["history"]
     assert [b["lr"] for b in two] == [a["lr"] for a in one]       # one schedule step a step, however many processes
     for a, b in zip(one[:2], two[:2], strict=False):               # before any update: the same gradient, summed in another order

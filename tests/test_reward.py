@@ -137,13 +137,18 @@ def test_two_processes_train_like_one(lesson_run, tmp_path):
     so the run follows the one-process run (only the order of sums differs)."""
     from safetensors.torch import load_file
     script = tmp_path / "train.py"
-    script.write_text(TRAIN + "from instructengine.core import process_state\nimport json\n_, h = train_reward(cfg, pd.read_parquet(sys.argv[2]), log=None)\n"
-                      "s = process_state(); print('RESULT ' + json.dumps({'rank': s.process_index, 'world': s.num_processes, 'history': h}))\n")
+    script.write_text("import json, os, sys, pandas as pd\nfrom instructengine.core import process_state\n"
+                      "from instructengine.reward_train import RewardTrainConfig, train_reward\n"
+                      "cfg = RewardTrainConfig.from_yaml(open(sys.argv[1]).read())\n"
+                      "_, h = train_reward(cfg, pd.read_parquet(sys.argv[2]), log=None)\n"
+                      "saved = os.path.isfile(os.path.join(cfg.out, 'model.safetensors'))   # on every process, once train_reward returns\n"
+                      "s = process_state(); print('RESULT ' + json.dumps({'rank': s.process_index, 'world': s.num_processes, 'history': h, 'saved': saved}))\n")
     runs = {}
     for n in (1, 2):
         (tmp_path / f"p{n}.yaml").write_text(_cfg(lesson_run, tmp_path / f"p{n}").to_yaml())
         runs[n] = run_processes(script, tmp_path / f"p{n}.yaml", lesson_run / "pairs.parquet", n=n)
     assert runs[2][0]["history"] == runs[2][1]["history"]
+    assert [r["saved"] for r in runs[2]] == [True, True]   # no process returns before the model is on disk
     one, two = runs[1][0]["history"], runs[2][0]["history"]
     gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True))
     print(f"largest loss difference over {len(one)} steps, two processes against one: {gap:.1e}")
