@@ -156,6 +156,7 @@ def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", forc
     A stage that finished with the same parameters (and the same upstream signature) is skipped; a stage that failed or was
     killed runs again, and resumes from its own records. Returns {stage, status: done/skipped/failed, seconds, signature, ...}."""
     import papermill
+    from nbclient.exceptions import DeadKernelError
     log = log or (lambda msg: None)
     params = check_params(stage, params or {})
     nb, run = notebooks_dir() / STAGES[stage], RunDir(run_dir)
@@ -173,11 +174,13 @@ def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", forc
     try:
         papermill.execute_notebook(str(nb), str(out), parameters={**params, "run_dir": rel}, cwd=str(nb.parent),
                                    progress_bar=False, log_output=False)
-    except papermill.PapermillExecutionError as e:
+    except (papermill.PapermillExecutionError, DeadKernelError) as e:   # a cell raised, or the kernel died (out of memory, a signal)
+        ename, evalue, cell = (e.ename, e.evalue, e.exec_count) if isinstance(e, papermill.PapermillExecutionError) else ("DeadKernelError", str(e), None)
         rec = {"stage": stage, "status": "failed", "seconds": round(time.time() - t0, 1), "signature": sig,
-               "error": f"{e.ename}: {e.evalue}", "cell": e.exec_count, "notebook": str(out.relative_to(run.root))}
+               "error": f"{ename}: {evalue}", "cell": cell, "notebook": str(out.relative_to(run.root))}
         atomic_write_text(failed, json.dumps(rec, indent=1))
-        log(f"{stage}: FAILED in cell [{e.exec_count}]: {e.ename}: {str(e.evalue)[:300]} (the executed notebook: {rec['notebook']})")
+        where = f"in cell [{cell}]" if cell is not None else "(the kernel died)"
+        log(f"{stage}: FAILED {where}: {ename}: {str(evalue)[:300]} (the executed notebook: {rec['notebook']})")
         return rec
     rec = {"stage": stage, "status": "done", "seconds": round(time.time() - t0, 1), "signature": sig,
            "params": to_jsonable(params), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

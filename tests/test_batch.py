@@ -167,3 +167,26 @@ def test_report_groups_by_grid_values_that_are_mappings_or_null(tmp_path):
         r = cli("report", str(root))
         assert r.returncode == 0 and "mean ± std" in r.stdout + r.stderr + (root / "report.md").read_text()
     assert cli("report", str(tmp_path / "missing")).returncode != 0
+
+
+def test_a_dead_kernel_fails_its_stage_and_the_batch_reports_it(tmp_path, monkeypatch):
+    """A stage whose kernel dies (killed for memory, a signal) is recorded as failed, as one whose cell raises is, and the
+    batch goes on to its report instead of stopping with a traceback. The stage notebooks come from a copy of nbs/ whose
+    attention notebook kills its own kernel."""
+    import nbformat
+    from instructengine.batch import notebooks_dir, run_batch
+    nbs = tmp_path / "nbs"; nbs.mkdir()
+    for f in notebooks_dir().glob("*.ipynb"):
+        if f.name != STAGES["attention"]: (nbs / f.name).symlink_to(f)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('run_dir: str = "x"  # the run folder', metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")],
+                                  metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, nbs / STAGES["attention"])
+    monkeypatch.setenv("INSTRUCTENGINE_NOTEBOOKS", str(nbs))
+    said = []
+    r = run_batch(BatchConfig(name="dead", runs=str(tmp_path / "runs"), stages={"attention": {}}), log=said.append)
+    (rec,) = r["runs"]["."]
+    assert r["failed"] == [".:attention"] and rec["status"] == "failed" and rec["error"].startswith("DeadKernelError") and rec["cell"] is None
+    stages = tmp_path / "runs" / "dead" / ".stages"
+    assert (stages / "attention.failed.json").is_file() and not (stages / "attention.json").exists()
+    assert any("attention: FAILED (the kernel died)" in m for m in said) and Path(r["report"]).is_file()
