@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['app', 'STAGES', 'STAGE_OUTPUTS', 'RUNNER_FILES', 'STAGE_CONFIGS', 'run_app', 'main', 'notebooks_dir',
            'stage_parameters', 'parse_params', 'stage_config', 'config_fields', 'check_params', 'stage_done',
-           'run_stage', 'BatchConfig', 'expand_sweep', 'prepare_variant', 'run_batch', 'metric', 'md_table',
-           'batch_runs', 'stage_times', 'sweep_table', 'stage_figures', 'write_report', 'stage_help']
+           'RunFolderBusy', 'run_stage', 'BatchConfig', 'expand_sweep', 'prepare_variant', 'run_batch', 'metric',
+           'md_table', 'batch_runs', 'stage_times', 'sweep_table', 'stage_figures', 'write_report', 'stage_help']
 
 # %% ../nbs/09_batch.ipynb #a5152d83
 import difflib
@@ -151,10 +151,28 @@ def stage_done(run_dir, stage: str, signature: str = None) -> dict:
     return rec if signature is None or rec.get("signature") == signature else None
 
 
+class RunFolderBusy(OSError):
+    "Another command is running a stage in this run folder."
+
+
 def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", force: bool = False, log=print) -> dict:
     """Execute a stage's notebook with papermill (cwd `nbs/`) into `<run_dir>/notebooks/`, with `params` and `run_dir` injected.
     A stage that finished with the same parameters (and the same upstream signature) is skipped; a stage that failed or was
-    killed runs again, and resumes from its own records. Returns {stage, status: done/skipped/failed, seconds, signature, ...}."""
+    killed runs again, and resumes from its own records. One stage at a time in a run folder: while another command runs
+    one there, this raises `RunFolderBusy`. Returns {stage, status: done/skipped/failed, seconds, signature, ...}."""
+    from filelock import FileLock, Timeout
+    busy = Path(run_dir) / ".stages" / "lock"   # held while a stage runs here (the OS releases it if its holder dies)
+    busy.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(busy)
+    try: lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderBusy(f"{Path(run_dir)} is in use: another command is running a stage there (it holds {busy}); "
+                            "wait for it to finish, or give this one another run folder") from None
+    try: return _run_stage(stage, run_dir, params, upstream, force, log)
+    finally: lock.release()
+
+
+def _run_stage(stage, run_dir, params, upstream, force, log) -> dict:
     import papermill
     from nbclient.exceptions import DeadKernelError
     log = log or (lambda msg: None)

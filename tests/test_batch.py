@@ -190,3 +190,16 @@ def test_a_dead_kernel_fails_its_stage_and_the_batch_reports_it(tmp_path, monkey
     stages = tmp_path / "runs" / "dead" / ".stages"
     assert (stages / "attention.failed.json").is_file() and not (stages / "attention.json").exists()
     assert any("attention: FAILED (the kernel died)" in m for m in said) and Path(r["report"]).is_file()
+
+
+def test_a_second_command_in_a_busy_run_folder_is_refused(tmp_path):
+    "While one command runs a stage in a run folder, another that would run a stage there is refused, naming the folder."
+    from filelock import FileLock
+    from instructengine.batch import RunFolderBusy, run_stage
+    run = tmp_path / "run"; (run / ".stages").mkdir(parents=True)
+    with FileLock(run / ".stages" / "lock"):   # what a running stage holds
+        with pytest.raises(RunFolderBusy, match=r"run is in use: another command is running a stage there"):
+            run_stage("taxonomy", run, log=None)
+        r = CliRunner().invoke(app, ["run", "taxonomy", "--run-dir", str(run)])
+        assert r.exit_code == 2 and "error:" in r.output and "is in use" in r.output, r.output
+    assert not (run / "notebooks").exists()   # nothing ran
