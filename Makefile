@@ -58,7 +58,7 @@ reward-study: install
 # cross-validation DPO's sandbox study (configs/sandbox-ablation.yaml): a data run with 10 instruction pairs a subtopic and
 # 4 images a side, every image pair that passes the oracle's follows_own rule a quad, then cross-validation, plain
 # Diffusion-DPO (image side), the text side and SFT on the winners, each for 3 seeds at an equal image budget, scored on
-# ShapesBench; runs/sandbox-ablation/report.md holds the table (about 45 min on 2 CPU cores)
+# ShapesBench; runs/sandbox-ablation/report.md holds the table (about 1 h on 2 CPU cores)
 dpo-study: install
 	$(BIN)/instructengine batch sandbox-ablation
 
