@@ -695,8 +695,12 @@ class Checkpoints:
         if state["signature"] == signature: return done[-1], state
         warnings.warn(f"{done[-1]} was made with other training parameters ({_changed(state['signature'], signature)}); "
                       f"starting over in {self.root.parent}", stacklevel=stacklevel + 1)
-        if clear: shutil.rmtree(self.root, ignore_errors=True)
+        if clear: self.clear()
         return None, None
+
+    def clear(self):
+        "Remove every checkpoint (under several processes: the main one, once every process has read them)."
+        shutil.rmtree(self.root, ignore_errors=True)
 
 # %% ../nbs/00_core.ipynb #92773792
 def progress_enabled() -> bool:
