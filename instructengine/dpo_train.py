@@ -190,6 +190,9 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     weights, sft = cfg.active_weights, cfg.method == "sft"
     combos = needed_combos(weights, sft)
     sample_w = balance_weights(data, cfg.balance)
+    if acc.num_processes > 1 and sample_w is None and len(data) < cfg.batch_size:   # then the batch is the whole data (weighted draws are always full)
+        raise ValueError(f"train_dpo: {len(data)} rows of training data, less than one batch of {cfg.batch_size}: the {acc.num_processes} processes "
+                         f"cannot take equal shares; train on one process, or set batch_size to at most {len(data)} (a multiple of {acc.num_processes})")
     pipe = pipe or load_generator(GeneratorSpec(cfg.model, device=str(acc.device), dtype="float32"))
     kind, res = model_kind(pipe), cfg.resolution or default_resolution(pipe)
     cache = DPOCache(out / "cache", model_key(cfg.model, pipe, res))

@@ -191,6 +191,9 @@ def test_two_processes_train_like_one(tiny, tmp_path, method):
     with pytest.raises(Exception, match=r"batch_size = 3: expected a multiple of the 2 processes"):
         _cfg(root, models["sd"], tmp_path / "odd", batch_size=3).save(tmp_path / "odd.yaml")
         run_processes(script, tmp_path / "odd.yaml", n=2)
+    with pytest.raises(Exception, match=r"less than one batch of 1000: the 2 processes cannot take equal shares"):
+        _cfg(root, models["sd"], tmp_path / "big", batch_size=1000).save(tmp_path / "big.yaml")
+        run_processes(script, tmp_path / "big.yaml", n=2)
 
 
 def test_gradient_checkpointing_changes_nothing_and_tensorboard_logs(tiny, tmp_path):

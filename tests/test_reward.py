@@ -156,6 +156,9 @@ def test_two_processes_train_like_one(lesson_run, tmp_path):
     assert all(b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) for a, b in zip(one, two, strict=True))
     w1, w2 = load_file(tmp_path / "p1" / "model.safetensors"), load_file(tmp_path / "p2" / "model.safetensors")
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
+    (tmp_path / "big.yaml").write_text(_cfg(lesson_run, tmp_path / "big").with_overrides(batch_size=100_000).to_yaml())
+    with pytest.raises(AssertionError, match=r"less than one batch of 100000: the 2 processes cannot take equal shares"):
+        run_processes(script, tmp_path / "big.yaml", lesson_run / "pairs.parquet", n=2)
 
 
 def test_one_model_per_dimension_skips_dimensions_without_pairs(lesson_run, tmp_path):
