@@ -355,12 +355,13 @@ def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard
     """Ask `judge` the tasks addressed to it that `annotations.jsonl` does not hold with a final status (this process's
     share: every `shard[1]`-th), or holds under another rubric version or for another image under the same id (a
     regenerated one). An image that is missing or corrupt becomes an `image_error` record naming its path; a judge that
-    raises fails only its batch. Returns this judge's status counts."""
+    raises fails only its batch. Returns the status counts of this process's share, by the latest record of each task."""
     rank, world = shard
     images = ImageStore(run.images)
     with RecordStore(run.annotations, batch_size=256, flush_every=5.0) as store:
         mine = [t | {"rubric": judge.rubric} for t in tasks if t["judge"] == judge.name]
-        todo = store.pending(mine[rank::world], status=FINAL_STATUSES, same=("rubric", "sha256"))   # shard, then skip what is done (as generation)
+        share = mine[rank::world]
+        todo = store.pending(share, status=FINAL_STATUSES, same=("rubric", "sha256"))   # shard, then skip what is done (as generation)
         for k in progress(range(0, len(todo), batch_size), desc=f"judge {judge.name}"):
             loaded, cache = [], {}
             for t in todo[k:k + batch_size]:
@@ -376,9 +377,9 @@ def annotate(judge: Judge, tasks: list, run: RunDir, batch_size: int = 64, shard
                 dt = round((time.time() - t0) / len(loaded), 4)
                 store.extend(rec | r | {"seconds": dt} for (rec, _), r in zip(loaded, results, strict=True))
             store.flush()   # judgments are dear: a kill loses at most the batch in flight
+        latest = store.latest()
     counts: dict = {}
-    for r in RecordLog(run.annotations).latest().values():
-        if r.get("judge") == judge.name: counts[r["status"]] = counts.get(r["status"], 0) + 1
+    for t in share: counts[latest[t["id"]]["status"]] = counts.get(latest[t["id"]]["status"], 0) + 1
     return counts
 
 # %% ../nbs/04_annotate.ipynb #cf2f4d65

@@ -686,16 +686,15 @@ class Checkpoints:
         for old in self.complete()[:-self.keep]: shutil.rmtree(old)
         return d
 
-    def resume(self, signature: dict, clear: bool = True, stacklevel: int = 2) -> tuple:
+    def resume(self, signature: dict, stacklevel: int = 2) -> tuple:
         """(folder, state) of the newest checkpoint if it was made with `signature`, else (None, None). A checkpoint made
-        with other parameters is not resumed: a warning names what changed and, with `clear`, the checkpoints are removed."""
+        with other parameters is not resumed: a warning names what changed. It stays on disk until the caller's `clear`."""
         done = self.complete()
         if not done: return None, None
         state, signature = json.loads((done[-1] / "state.json").read_text()), to_jsonable(signature)
         if state["signature"] == signature: return done[-1], state
         warnings.warn(f"{done[-1]} was made with other training parameters ({_changed(state['signature'], signature)}); "
                       f"starting over in {self.root.parent}", stacklevel=stacklevel + 1)
-        if clear: self.clear()
         return None, None
 
     def clear(self):

@@ -227,7 +227,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     fingerprint = "\n".join(f"{a}|{b}|{Path(x).name}|{Path(y).name}" for a, b, x, y in data[["instr_a", "instr_b", "image_a", "image_b"]].itertuples(index=False))
     step, history, sig = 0, [], _signature(cfg) | {"data": hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}
     ckpts = Checkpoints(out, cfg.keep_checkpoints)
-    last, state = ckpts.resume(sig, clear=False, stacklevel=2)
+    last, state = ckpts.resume(sig, stacklevel=2)
     acc.wait_for_everyone()   # every process has read the checkpoints before stale ones are removed
     if last is None and acc.is_main_process: ckpts.clear()
     if last:

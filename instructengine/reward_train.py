@@ -234,7 +234,7 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     opt = torch.optim.AdamW([g for g in groups if g["params"]])
     step, history, sig = 0, [], _train_signature(cfg) | {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     ckpts = Checkpoints(out, cfg.keep_checkpoints)
-    last, state = ckpts.resume(sig, clear=False, stacklevel=3)
+    last, state = ckpts.resume(sig, stacklevel=3)
     acc.wait_for_everyone()   # every process has read the checkpoints before stale ones are removed
     if last is None and acc.is_main_process: ckpts.clear()
     if last:

@@ -8,7 +8,7 @@ initialisation) with the reward model's pairwise loss on a reward study's split 
 left out), and prints its held-out accuracy (MPS's convention: ties skipped, a predicted tie wrong) beside the MPS
 model's from `reward/metrics.json`, as one JSON line.
 
-    python tools/reward_image_only_probe.py runs/reward-study [STEPS]   # 600 steps: about 2 min an aspect on 2 CPU cores     # after make reward-study
+    python tools/reward_image_only_probe.py runs/reward-study [STEPS]   # after make reward-study; 600 steps: about 2 min an aspect on 2 CPU cores
 """
 import json
 import sys
@@ -56,8 +56,8 @@ def train_one(train, test, px: dict, steps: int, seed: int = 0) -> float:
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
     net.eval()
     with torch.no_grad():
-        sw = torch.cat([net(torch.stack([px[p] for p in test["image_w"][k:k + 512]]))[:, 0] for k in range(0, len(test), 512)])
-        sl = torch.cat([net(torch.stack([px[p] for p in test["image_l"][k:k + 512]]))[:, 0] for k in range(0, len(test), 512)])
+        score = lambda paths: torch.cat([net(torch.stack([px[p] for p in paths[k:k + 512]]))[:, 0] for k in range(0, len(paths), 512)])
+        sw, sl = score(list(test["image_w"])), score(list(test["image_l"]))
     return float((sw > sl).float().mean())
 
 
