@@ -9,7 +9,7 @@ __all__ = ['COMBOS', 'TERMS', 'METHODS', 'LORA_TARGETS', 'denoise_errors', 'dpo_
            'quad_batch', 'combo_errors']
 
 # %% ../nbs/07_dpo.ipynb #4b1fdb35
-import hashlib, json
+import hashlib, json, uuid
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +192,11 @@ def save_lora(unet, folder, kind: str = "sd") -> Path:
     return Path(folder)
 
 # %% ../nbs/07_dpo.ipynb #e8dc672a
+def _save_whole(tensors: dict, path: Path):
+    "A safetensors file written under a temporary name and renamed: a kill leaves the old file or the new, never half."
+    tmp = path.with_name(path.name + ".tmp"); save_file(tensors, tmp); tmp.replace(path)
+
+
 def default_resolution(pipe) -> int:
     "The pixel size a pipeline generates at by default (UNet sample size x the VAE's downsampling)."
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -227,13 +232,43 @@ def model_key(model: str, pipe, resolution: int) -> str:
 class DPOCache:
     """VAE latent distributions (mean and log-variance, also of the mirrored image with `flip`) keyed by the image file's
     SHA-256, and text embeddings (SDXL: with pooled embeds) keyed by the prompt's SHA-256, computed once into
-    safetensors files named by `model_key`; later runs add only what is missing."""
+    safetensors files named by `model_key`; later runs add only what is missing. Under several processes each encodes its
+    share into a part file; `merge` reads them all and `save` writes the whole."""
     def __init__(self, folder, key: str):
         self.folder = Path(folder); self.key = key
         self.lat_path, self.txt_path = self.folder / f"latents-{key}.safetensors", self.folder / f"text-{key}.safetensors"
         self.lat = load_file(self.lat_path) if self.lat_path.is_file() else {}
         self.txt = load_file(self.txt_path) if self.txt_path.is_file() else {}
         self.image_keys, self.prompt_keys = {}, {}
+        self.unsaved = {"latents": 0, "text": 0}
+        self.merge()   # the parts of a run killed before its save: keyed by content, as good as the rest
+
+    def parts(self, which: str = "*") -> list:
+        "The part files of processes (`which`: 'latents', 'text' or both)."
+        return sorted(self.folder.glob(f"{which}-{self.key}.part-*.safetensors"))
+
+    def merge(self) -> int:
+        "Read every part file into this cache. Returns how many entries were new."
+        n = 0
+        for which, d in (("latents", self.lat), ("text", self.txt)):
+            for path in self.parts(which):
+                new = {k: v for k, v in load_file(path).items() if k not in d}
+                d.update(new); self.unsaved[which] += len(new); n += len(new)
+        return n
+
+    def save(self):
+        """Write each cache file that has new entries (whole, replaced at once), then remove the part files. Under several
+        processes the main one saves, once every process has merged."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for which, path, d in (("latents", self.lat_path, self.lat), ("text", self.txt_path, self.txt)):
+            if self.unsaved[which]: _save_whole(d, path)
+            self.unsaved[which] = 0
+        for path in self.parts(): path.unlink(missing_ok=True)
+
+    def check_flips(self, paths: list):
+        "Fail if an image of `paths` is cached without its mirrored copy (an earlier run had `flip=False`)."
+        missing = [p for p in dict.fromkeys(paths) if self.image_key(p) + ":flip" not in self.lat]
+        if missing: raise ValueError(f"DPOCache: {len(missing)} images were cached without their mirrored copy; delete {self.lat_path} or set flip=False")
 
     def image_key(self, path) -> str:
         p = str(path)
@@ -245,10 +280,15 @@ class DPOCache:
         return self.prompt_keys[prompt]
 
     @torch.no_grad()
-    def fill(self, pipe, paths: list, prompts: list, resolution: int, flip: bool = False, batch_size: int = 32) -> dict:
-        "Encode the images and prompts not cached yet and save the files. Returns how many of each were added."
+    def fill(self, pipe, paths: list, prompts: list, resolution: int, flip: bool = False, batch_size: int = 32, shard: tuple = (0, 1)) -> dict:
+        """Encode the images and prompts not cached yet and save the files. Under several processes, `shard` = (rank,
+        count): each encodes every count-th image and prompt (cut from the whole lists, then what is cached dropped, so
+        the shares do not depend on when a process read the cache) into its own part file, and once every process is
+        done, each `merge`s and the main one `save`s. Returns how many of each this process encoded, and how many in all."""
+        rank, world = shard
         dev = pipe.vae.device
-        todo = list(dict.fromkeys(p for p in paths if self.image_key(p) not in self.lat))
+        new_lat, new_txt = {}, {}
+        todo = [p for p in list(dict.fromkeys(paths))[rank::world] if self.image_key(p) not in self.lat]
         for i in progress(range(0, len(todo), batch_size), desc="cache latents"):
             chunk = todo[i:i + batch_size]
             xs, ids, ids_flip = zip(*[load_image(p, resolution) for p in chunk], strict=True)
@@ -258,22 +298,24 @@ class DPOCache:
                 params = pipe.vae.encode(v).latent_dist.parameters.float().cpu()
                 for p, pr, tid in zip(chunk, params, tids, strict=True):
                     k = self.image_key(p)
-                    self.lat[k + suffix] = pr.contiguous()
-                    self.lat[k + suffix + ":time_ids"] = tid
-        if flip:
-            missing = [p for p in dict.fromkeys(paths) if self.image_key(p) + ":flip" not in self.lat]
-            if missing: raise ValueError(f"DPOCache: {len(missing)} images were cached without their mirrored copy; delete {self.lat_path} or set flip=False")
-        todo_t = list(dict.fromkeys(p for p in prompts if self.prompt_key(p) not in self.txt))
+                    new_lat[k + suffix] = pr.contiguous()
+                    new_lat[k + suffix + ":time_ids"] = tid
+        todo_t = [p for p in list(dict.fromkeys(prompts))[rank::world] if self.prompt_key(p) not in self.txt]
         for i in progress(range(0, len(todo_t), batch_size), desc="cache text"):
             chunk = todo_t[i:i + batch_size]
             emb, pooled = encode_prompts(pipe, chunk)
             for j, p in enumerate(chunk):
-                self.txt[self.prompt_key(p)] = emb[j].float().cpu().contiguous()
-                if pooled is not None: self.txt[self.prompt_key(p) + ":pooled"] = pooled[j].float().cpu().contiguous()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for path, d, n in ((self.lat_path, self.lat, len(todo)), (self.txt_path, self.txt, len(todo_t))):
-            if n:
-                tmp = path.with_suffix(".tmp"); save_file(d, tmp); tmp.replace(path)
+                new_txt[self.prompt_key(p)] = emb[j].float().cpu().contiguous()
+                if pooled is not None: new_txt[self.prompt_key(p) + ":pooled"] = pooled[j].float().cpu().contiguous()
+        self.lat.update(new_lat); self.txt.update(new_txt)
+        self.unsaved["latents"] += len(new_lat); self.unsaved["text"] += len(new_txt)
+        if world == 1:
+            if flip: self.check_flips(paths)
+            self.save()
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for which, d in (("latents", new_lat), ("text", new_txt)):
+                if d: _save_whole(d, self.folder / f"{which}-{self.key}.part-{rank}-{uuid.uuid4().hex[:8]}.safetensors")   # never another run's part
         return {"images_encoded": len(todo), "prompts_encoded": len(todo_t), "images": len(set(paths)), "prompts": len(set(prompts))}
 
     def latents(self, paths: list, flips=None, sample: bool = True, generator=None, scaling: float = 1.0, shift: float = 0.0) -> tuple:

@@ -146,10 +146,24 @@ def _trainable_state(unet) -> dict:
     return {k: v.detach().float().cpu().contiguous() for k, v in unet.named_parameters() if v.requires_grad}
 
 
-def _write_state(unet, opt, sched, folder: Path):
+def _rng_state(device) -> dict:
+    """The global random states a training step draws from (LoRA dropout): the CPU's, and the GPU's when the model is on
+    one. Noise, timesteps and batches come from generators seeded by the step, so they need none of this."""
+    state = {"rng": torch.get_rng_state()}
+    if torch.device(device).type == "cuda": state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device):
+    "Put back what `_rng_state` saved (the GPU's only on a GPU: a checkpoint made on one resumes on the CPU too)."
+    torch.set_rng_state(state["rng"])
+    if "rng_cuda" in state and torch.device(device).type == "cuda": torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
+def _write_state(unet, opt, sched, device, folder: Path):
     "A checkpoint's tensors: the trainable weights as safetensors; optimizer, scheduler and RNG for `torch.load(weights_only=True)`."
     save_file(_trainable_state(unet), folder / "trainable.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}, folder / "state.pt")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()} | _rng_state(device), folder / "state.pt")
 
 # %% ../nbs/07a_dpo_train.ipynb #c7b076b4
 def _cast(model, dtype):
@@ -196,12 +210,15 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     pipe = pipe or load_generator(GeneratorSpec(cfg.model, device=str(acc.device), dtype="float32"))
     kind, res = model_kind(pipe), cfg.resolution or default_resolution(pipe)
     cache = DPOCache(out / "cache", model_key(cfg.model, pipe, res))
-    t0 = time.time()
-    if acc.is_main_process:
-        filled = cache.fill(pipe, list(data["image_a"]) + list(data["image_b"]), list(data["instr_a"]) + list(data["instr_b"]), res, cfg.flip)
-        log(f"cache: {filled} in {time.time() - t0:.1f}s")
-    acc.wait_for_everyone()
-    if not acc.is_main_process: cache = DPOCache(out / "cache", cache.key)
+    t0, paths = time.time(), list(data["image_a"]) + list(data["image_b"])
+    filled = cache.fill(pipe, paths, list(data["instr_a"]) + list(data["instr_b"]), res, cfg.flip, shard=(acc.process_index, acc.num_processes))
+    if acc.num_processes > 1:   # each process encoded its share into a part file: every one reads them all, then main saves
+        acc.wait_for_everyone()
+        cache.merge()
+        if cfg.flip: cache.check_flips(paths)
+        acc.wait_for_everyone()
+        if acc.is_main_process: cache.save()
+    if acc.is_main_process: log(f"cache: {filled} in {time.time() - t0:.1f}s" + (f" (this process's share of {acc.num_processes})" if acc.num_processes > 1 else ""))
     for name in ("vae", "text_encoder", "text_encoder_2"):   # only the UNet stays on the device
         if getattr(pipe, name, None) is not None: getattr(pipe, name).to("cpu")
     scaling, shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", None) or 0.0
@@ -236,7 +253,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
         with torch.no_grad():
             for k, v in saved.items(): named[k].copy_(v)
         st = torch.load(last / "state.pt", weights_only=True)
-        opt.load_state_dict(st["optimizer"]); lr_sched.load_state_dict(st["scheduler"]); torch.set_rng_state(st["rng"])
+        opt.load_state_dict(st["optimizer"]); lr_sched.load_state_dict(st["scheduler"]); _set_rng_state(st, acc.device)
         step, history = state["step"], state["history"]
         log(f"resuming from checkpoint {last.name} (step {step} of {cfg.max_steps})")
     train_unet = torch.compile(unet) if cfg.compile else unet
@@ -283,7 +300,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
         bar.update(1); bar.set_postfix(loss=f"{sums['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             acc.wait_for_everyone()
-            if acc.is_main_process: ckpts.save(step, history, sig, partial(_write_state, unet, opt, lr_sched))
+            if acc.is_main_process: ckpts.save(step, history, sig, partial(_write_state, unet, opt, lr_sched, acc.device))
         if callback: callback(step, rec)
     bar.close()
     if trackers: acc.end_training()

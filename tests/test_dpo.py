@@ -126,8 +126,8 @@ def test_killed_training_resumes_to_the_same_losses(tiny, tmp_path):
     root, models = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, straight = train_dpo(_cfg(root, models["sd"], tmp_path / "straight"), **QUIET)
-    cfg = _cfg(root, models["sd"], tmp_path / "killed")
+        _, straight = train_dpo(_cfg(root, models["sd"], tmp_path / "straight", lora_dropout=0.1), **QUIET)
+    cfg = _cfg(root, models["sd"], tmp_path / "killed", lora_dropout=0.1)   # dropout: the resumed run needs the saved random state
     cfg.save(tmp_path / "cfg.yaml")
     proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(tmp_path / "cfg.yaml")], env=os.environ | {"INSTRUCTENGINE_PROGRESS": "0"},
                             stderr=subprocess.DEVNULL)
@@ -187,6 +187,11 @@ def test_two_processes_train_like_one(tiny, tmp_path, method):
     # beta/2 = 2,500, so a one-ulp difference in an error (1.2e-7, from kernels that depend on the batch size) moves it by ~3e-4
     assert gap <= (1e-4 if method == "sft" else 2e-3), (one, two)
     assert (tmp_path / "p2" / "pytorch_lora_weights.safetensors").is_file() and not list((tmp_path / "p2" / "checkpoints").glob("*.tmp"))
+    files = [sorted(p.name for p in (tmp_path / f"p{n}" / "cache").iterdir()) for n in (1, 2)]
+    assert files[0] == files[1] and len(files[1]) == 2            # the two processes' parts are merged into the cache files
+    for name in files[1]:
+        a, b = load_file(tmp_path / "p1" / "cache" / name), load_file(tmp_path / "p2" / "cache" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     if method == "sft": return
     with pytest.raises(Exception, match=r"batch_size = 3: expected a multiple of the 2 processes"):
         _cfg(root, models["sd"], tmp_path / "odd", batch_size=3).save(tmp_path / "odd.yaml")
@@ -296,6 +301,36 @@ def test_cache_is_reused_and_keyed_by_model(tiny, tmp_path):
     added = cache.fill(pipe, list(quads["image_a"]) + list(quads["image_b"]), list(quads["instr_a"]) + list(quads["instr_b"]), 32)
     assert added["images_encoded"] == 0 and added["prompts_encoded"] == 0 and added["images"] == 16
     assert model_key(str(models["sd"]), pipe, 64) != key
+
+
+def test_processes_fill_their_shares_of_the_cache(tiny, tmp_path):
+    """Under several processes each encodes every other image and prompt into a part file, whenever it read the cache;
+    after `merge` each holds the cache one process makes, and `save` leaves the two cache files. A run killed before the
+    save loses nothing: the next one reads the parts and encodes nothing again."""
+    root, models = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = load_generator(GeneratorSpec(str(models["sd"]), device="cpu"))
+    quads = load_dpo_data(_cfg(root, models["sd"], tmp_path / "x"))
+    paths, prompts = list(quads["image_a"]) + list(quads["image_b"]), list(quads["instr_a"]) + list(quads["instr_b"])
+    n_img, n_txt = len(set(paths)), len(set(prompts))
+    one = DPOCache(tmp_path / "one", "k")
+    one.fill(pipe, paths, prompts, 32, flip=True)
+    first = DPOCache(tmp_path / "two", "k")
+    filled = [first.fill(pipe, paths, prompts, 32, flip=True, shard=(0, 2))]
+    assert len(first.parts()) == 2 and not first.lat_path.exists()   # its latents and text, no cache file yet
+    late = DPOCache(tmp_path / "two", "k")                            # starts after the other wrote its part: the same share
+    filled.append(late.fill(pipe, paths, prompts, 32, flip=True, shard=(1, 2)))
+    assert [f["images_encoded"] for f in filled] == [(n_img + 1) // 2, n_img // 2] and n_img > 1
+    assert [f["prompts_encoded"] for f in filled] == [(n_txt + 1) // 2, n_txt // 2] and n_txt > 1
+    for c in (first, late):
+        c.merge(); c.check_flips(paths)
+        assert c.lat.keys() == one.lat.keys() and c.txt.keys() == one.txt.keys()
+        assert all(torch.allclose(c.lat[k], one.lat[k], atol=1e-6) for k in one.lat) and all(torch.allclose(c.txt[k], one.txt[k], atol=1e-6) for k in one.txt)
+    again = DPOCache(tmp_path / "two", "k")   # killed before the main process saved
+    assert again.fill(pipe, paths, prompts, 32, flip=True) == {"images_encoded": 0, "prompts_encoded": 0, "images": n_img, "prompts": n_txt}
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["latents-k.safetensors", "text-k.safetensors"]
+    assert DPOCache(tmp_path / "two", "k").lat.keys() == one.lat.keys()
 
 
 @pytest.mark.parametrize("which,kw", [("sd-v", {}), ("sd", {"full_finetune": True}), ("sd", {"method": "sft"}),
