@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 N      ?= nbs/[0-9]*.ipynb nbs/index.ipynb
 
-.PHONY: install sandbox reward-study dpo-study bench-sandbox test sync-check nbtest pytest export outputs lab
+.PHONY: install sandbox reward-study dpo-study bench-sandbox gpu-smoke test sync-check nbtest pytest export outputs lab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: sync-check nbtest pytest
 # speed of the shipped sandbox generator: 64 images at the shipped settings (target: <= 30 s on 2 CPU cores)
 bench-sandbox: install
 	$(BIN)/python -c "from instructengine.sandbox_generator import benchmark_generation; print(benchmark_generation(64, repeats=3))"
+
+# speed only, on a GPU: the whole batch on an SD v1.5-architecture pipeline with random weights (configs/sd15-smoke.yaml),
+# saved once to runs/sd15-random; report.md gives the wall time of every stage (ARCH=sdxl for SDXL's architecture)
+ARCH ?= sd15
+gpu-smoke: install
+	test -d runs/$(ARCH)-random || $(BIN)/python -c "from instructengine.bench_diffusion import random_pipeline; random_pipeline('runs/$(ARCH)-random', '$(ARCH)')"
+	$(BIN)/instructengine batch sd15-smoke --name $(ARCH)-smoke --set generate.model=runs/$(ARCH)-random --set dpo.model=runs/$(ARCH)-random --set evaluate.model=runs/$(ARCH)-random
 
 # the main job: the whole sandbox pipeline through the batch runner (configs/sandbox.yaml) into runs/sandbox/: the executed
 # notebooks, instructions, images, annotations, pairs and quads, the reward model, the LoRA, eval/, metrics.json and report.md,

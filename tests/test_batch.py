@@ -151,6 +151,26 @@ def test_sandbox_smoke_killed_mid_stage_resumes(tmp_path):
     assert "before and after alignment" in r.stdout
 
 
+def test_sd15_smoke_runs_every_stage_on_a_random_sd_pipeline(tmp_path):
+    """`make gpu-smoke`'s config on the CPU: a tiny SD v1.5-architecture pipeline with random weights, saved with
+    `save_pretrained` and loaded from its folder by every stage, through the whole batch (2 sampling steps, 4 DPO steps)."""
+    from instructengine.bench_diffusion import random_pipeline
+    model = random_pipeline(tmp_path / "sd15-tiny", "sd15", size="tiny")
+    sets = [f"{s}.model={model}" for s in ("generate", "dpo", "evaluate")] + [
+        "generate.limit=4", "generate.num_inference_steps=2", "evaluate.limit=1", "evaluate.num_inference_steps=2",
+        "dpo.max_steps=4", "dpo.config={resolution: 64, checkpoint_every: 50}"]
+    r = cli("batch", "sd15-smoke", "--runs", str(tmp_path / "runs"), *(x for s in sets for x in ("--set", s)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = tmp_path / "runs" / "sd15-smoke"
+    for s in BatchConfig.find("sd15-smoke").ordered:
+        assert (root / ".stages" / f"{s}.json").is_file(), s
+    m, dpo = json.loads((root / "metrics.json").read_text()), json.loads((root / "dpo" / "metrics.json").read_text())
+    assert (m["generate"]["images"], m["annotate"]["quads"], dpo["steps"], m["evaluate"]["prompts"]) == (16, 16, 4, 8)
+    times = next(line for line in (root / "report.md").read_text().splitlines() if line.startswith("| . |"))
+    assert len([float(x) for x in times.strip("| ").split("|")[1:]]) == 5, times   # the wall time of each of the five stages
+    assert (root / "dpo" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_report_groups_by_grid_values_that_are_mappings_or_null(tmp_path):
     "A sweep over DPO's term weights (a mapping) or a value that may be null: one report row per value, none dropped."
     from instructengine.batch import BatchConfig, expand_sweep, sweep_table, write_report
