@@ -158,7 +158,7 @@ def test_sd15_smoke_runs_every_stage_on_a_random_sd_pipeline(tmp_path):
     model = random_pipeline(tmp_path / "sd15-tiny", "sd15", size="tiny")
     sets = [f"{s}.model={model}" for s in ("generate", "dpo", "evaluate")] + [
         "generate.limit=4", "generate.num_inference_steps=2", "evaluate.limit=1", "evaluate.num_inference_steps=2",
-        "dpo.max_steps=4", "dpo.config={resolution: 64, checkpoint_every: 50}"]
+        "dpo.max_steps=4", "dpo.config={resolution: 64, gradient_checkpointing: true, checkpoint_every: 50}"]
     r = cli("batch", "sd15-smoke", "--runs", str(tmp_path / "runs"), *(x for s in sets for x in ("--set", s)))
     assert r.returncode == 0, r.stderr[-3000:]
     root = tmp_path / "runs" / "sd15-smoke"
