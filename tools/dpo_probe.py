@@ -6,6 +6,7 @@
     # train with any DPOConfig field set, then score ShapesBench (200 prompts x 2 images) before and after
     python tools/dpo_probe.py train runs/probe beta=1000 max_steps=150
     python tools/dpo_probe.py train runs/probe beta=1000 --swap            # the labels reversed: a sign check
+    python tools/dpo_probe.py train runs/probe beta=1000 --timesteps 500:1000   # only the high-noise half of the schedule
     python tools/dpo_probe.py train runs/sandbox-ablation beta=1000       # a data-engine run: its quads, cross-validation
     python tools/dpo_probe.py train runs/probe beta=1000 full_finetune=true lr=1e-5   # the whole UNet against a frozen copy
     # a second round on the policy's own images: fuse round 1 (a LoRA, or a whole UNet) into a pipeline folder, draw new
@@ -114,9 +115,17 @@ def record(folder: Path, name: str, rows: int, after, secs: float, hist: list = 
     print(json.dumps(rec))
 
 
-def train(folder: Path, sets: list, swap: bool):
+def train(folder: Path, sets: list, swap: bool, timesteps: str = ""):
     kw = {k: load_yaml(v) for k, v in (s.split("=", 1) for s in sets)}
-    name = "-".join(f"{k}{v}" for k, v in kw.items()) + ("-swapped" if swap else "") or "defaults"
+    name = "-".join(f"{k}{v}" for k, v in kw.items()) + ("-swapped" if swap else "") + (f"-t{timesteps.replace(':', '-')}" if timesteps else "") or "defaults"
+    if timesteps:   # every step's timesteps drawn from [lo, hi) instead of [0, T): the same draws, rescaled
+        import instructengine.dpo_train as dt
+        lo, hi = map(int, timesteps.split(":"))
+        whole = dt.quad_batch
+        def narrowed(*a, **k):
+            b = whole(*a, **k)
+            return b | {"timesteps": lo + b["timesteps"] * (hi - lo) // a[4]}   # a[4]: the schedule's T
+        dt.quad_batch = narrowed
     quads = not (folder / "images.csv").is_file()   # a probe folder (from `data`) has images.csv; a run folder has quads
     if quads:
         base_kw = dict(run_dir=str(folder), data="quads", method="cv")
@@ -228,6 +237,7 @@ if __name__ == "__main__":
     f = sub.add_parser("fuse"); f.add_argument("lora", type=Path); f.add_argument("out", type=Path)
     t = sub.add_parser("train"); t.add_argument("folder", type=Path); t.add_argument("sets", nargs="*", help="DPOConfig field=value")
     t.add_argument("--swap", action="store_true", help="reverse every preference (winner <-> loser)")
+    t.add_argument("--timesteps", default="", help="LO:HI, train on timesteps in [LO, HI) only (the high-noise ones decide layout)")
     te = sub.add_parser("train-te", help="Diffusion-DPO on a probe folder's pairs with the text encoder trainable")
     te.add_argument("folder", type=Path)
     te.add_argument("--text-encoder", choices=["full", "lora", "none"], default="full")
@@ -246,5 +256,5 @@ if __name__ == "__main__":
     elif a.cmd == "truth": truth(a.src, a.out)
     elif a.cmd == "continue": continue_training(a.folder, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
-    else: train(a.folder, a.sets, a.swap)
+    else: train(a.folder, a.sets, a.swap, a.timesteps)
     sys.exit(0)
