@@ -6,6 +6,7 @@ much else, but not all of instructengine's dependencies, and it cannot reach PyP
     python tools/gpu_figures.py taxonomy      # here: the smoke batch's taxonomy stage (CPU only) into runs/sd15-smoke
     python3 tools/gpu_figures.py reward       # on the GPU, carrying .whl: instructengine bench reward
     python3 tools/gpu_figures.py dpo          #   instructengine bench dpo (SD v1.5 at 512 px, SDXL at 1024 px)
+    python3 tools/gpu_figures.py generate     #   instructengine bench generate (no target; SD v1.5)
     python3 tools/gpu_figures.py smoke        #   carrying .whl and runs/sd15-smoke: make gpu-smoke's batch, random weights
 
 `wheels` reads the image's package list from the device tool's KINDS.md (or a file given, one name or `name==version` a
@@ -99,13 +100,14 @@ def main(step: str, *rest):
     env = _env()
     if step == "reward": _cli(env, "bench", "reward", "--device", "cuda", "--json", str(OUT / "bench-reward.json"), log="bench-reward.txt")
     elif step == "dpo": _cli(env, "bench", "dpo", "--device", "cuda", "--json", str(OUT / "bench-dpo.json"), log="bench-dpo.txt")
+    elif step == "generate": _cli(env, "bench", "generate", "--device", "cuda", "--json", str(OUT / "bench-generate.json"), log="bench-generate.txt")
     elif step == "smoke":
         model = ROOT / "runs" / "sd15-random"
         if not model.is_dir():
             subprocess.run([sys.executable, "-c", f"from instructengine.bench_diffusion import random_pipeline; random_pipeline({str(model)!r}, 'sd15')"], env=env, check=True)
         _cli(env, "batch", "sd15-smoke", *(x for s in ("generate", "dpo", "evaluate") for x in ("--set", f"{s}.model={model}")), log="smoke.txt")
         (OUT / "report.md").write_text((SMOKE / "report.md").read_text())
-    else: sys.exit(f"step {step!r}: expected wheels, taxonomy, reward, dpo or smoke")
+    else: sys.exit(f"step {step!r}: expected wheels, taxonomy, reward, dpo, generate or smoke")
 
 
 if __name__ == "__main__":
