@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['RUN_LAYOUT', 'ConfigError', 'load_yaml', 'dump_yaml', 'to_jsonable', 'Config', 'seed_everything', 'pick_device',
-           'pick_dtype', 'make_accelerator', 'process_state', 'mean_over_processes', 'atomic_write_bytes',
-           'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'require_fields', 'RecordStore', 'ImageStoreError',
-           'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints', 'progress_enabled', 'progress',
-           'hub_offline', 'hub_kwargs', 'from_hub']
+           'pick_dtype', 'make_accelerator', 'process_state', 'mean_over_processes', 'check_one_batch',
+           'atomic_write_bytes', 'atomic_write_text', 'file_lock', 'RunDir', 'RecordLog', 'require_fields',
+           'RecordStore', 'ImageStoreError', 'StoredImage', 'image_sha256', 'to_pil', 'ImageStore', 'Checkpoints',
+           'progress_enabled', 'progress', 'hub_offline', 'hub_kwargs', 'from_hub']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import contextlib
@@ -299,6 +299,14 @@ def mean_over_processes(acc, values: dict) -> dict:
     import torch
     t = acc.reduce(torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=acc.device), reduction="mean")
     return dict(zip(values, t.tolist(), strict=True))
+
+
+def check_one_batch(who: str, n: int, batch_size: int, processes: int, unit: str = "rows of training data"):
+    """Under several processes, refuse training data smaller than one batch: the batch is then the whole data, which the
+    processes cannot take equal shares of (a share could be empty, and its loss NaN)."""
+    if processes > 1 and n < batch_size:
+        raise ValueError(f"{who}: {n} {unit}, less than one batch of {batch_size}: the {processes} processes cannot take equal shares; "
+                         f"train on one process, or set batch_size to at most {n} (a multiple of {processes})")
 
 # %% ../nbs/00_core.ipynb #05c02c98
 def atomic_write_bytes(path, data: bytes) -> Path:

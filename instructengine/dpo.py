@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .core import ConfigError, RunDir, progress
+from .core import ConfigError, RunDir, atomic_write_bytes, progress
 
 # %% ../nbs/07_dpo.ipynb #22f103ab
 def denoise_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -192,11 +192,6 @@ def save_lora(unet, folder, kind: str = "sd") -> Path:
     return Path(folder)
 
 # %% ../nbs/07_dpo.ipynb #e8dc672a
-def _save_whole(tensors: dict, path: Path):
-    "A safetensors file written under a temporary name and renamed: a kill leaves the old file or the new, never half."
-    tmp = path.with_name(path.name + ".tmp"); save_file(tensors, tmp); tmp.replace(path)
-
-
 def default_resolution(pipe) -> int:
     "The pixel size a pipeline generates at by default (UNet sample size x the VAE's downsampling)."
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -261,7 +256,7 @@ class DPOCache:
         processes the main one saves, once every process has merged."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for which, path, d in (("latents", self.lat_path, self.lat), ("text", self.txt_path, self.txt)):
-            if self.unsaved[which]: _save_whole(d, path)
+            if self.unsaved[which]: atomic_write_bytes(path, save(d))   # a kill leaves the old file or the new, never half
             self.unsaved[which] = 0
         for path in self.parts(): path.unlink(missing_ok=True)
 
@@ -315,7 +310,7 @@ class DPOCache:
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
             for which, d in (("latents", new_lat), ("text", new_txt)):
-                if d: _save_whole(d, self.folder / f"{which}-{self.key}.part-{rank}-{uuid.uuid4().hex[:8]}.safetensors")   # never another run's part
+                if d: atomic_write_bytes(self.folder / f"{which}-{self.key}.part-{rank}-{uuid.uuid4().hex[:8]}.safetensors", save(d))   # never another run's part
         return {"images_encoded": len(todo), "prompts_encoded": len(todo_t), "images": len(set(paths)), "prompts": len(set(prompts))}
 
     def latents(self, paths: list, flips=None, sample: bool = True, generator=None, scaling: float = 1.0, shift: float = 0.0) -> tuple:

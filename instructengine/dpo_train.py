@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, make_accelerator, mean_over_processes, process_state, progress
+from .core import Checkpoints, Config, ConfigError, RunDir, atomic_write_text, check_one_batch, make_accelerator, mean_over_processes, process_state, progress
 from .generate import LORA_FILE, GeneratorSpec, load_generator
 from .dpo import (LORA_TARGETS, DPOCache, add_lora, combo_errors, cv_loss, default_resolution, model_key, model_kind, needed_combos,
                                 quad_batch, reference_mode, save_lora, sft_loss, term_weights)
@@ -204,9 +204,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     weights, sft = cfg.active_weights, cfg.method == "sft"
     combos = needed_combos(weights, sft)
     sample_w = balance_weights(data, cfg.balance)
-    if acc.num_processes > 1 and sample_w is None and len(data) < cfg.batch_size:   # then the batch is the whole data (weighted draws are always full)
-        raise ValueError(f"train_dpo: {len(data)} rows of training data, less than one batch of {cfg.batch_size}: the {acc.num_processes} processes "
-                         f"cannot take equal shares; train on one process, or set batch_size to at most {len(data)} (a multiple of {acc.num_processes})")
+    if sample_w is None: check_one_batch("train_dpo", len(data), cfg.batch_size, acc.num_processes)   # weighted draws are always full batches
     pipe = pipe or load_generator(GeneratorSpec(cfg.model, device=str(acc.device), dtype="float32"))
     kind, res = model_kind(pipe), cfg.resolution or default_resolution(pipe)
     cache = DPOCache(out / "cache", model_key(cfg.model, pipe, res))

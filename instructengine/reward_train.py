@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .annotate import Judgments, images_by_side, pairs_frame, read_pairs
-from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, make_accelerator, mean_over_processes, process_state, progress, to_jsonable
+from .core import Checkpoints, Config, ConfigError, RecordLog, RunDir, atomic_write_text, check_one_batch, make_accelerator, mean_over_processes, process_state, progress, to_jsonable
 from .reward import ClipBackbone, MPSConfig, MPSModel, pairwise_accuracy, preference_loss, save_reward
 from .sandbox import ASPECTS
 
@@ -221,9 +221,7 @@ def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: 
     data = prepare_pairs(pairs, model, cfg.dimensions, cfg.dimension_map)
     if not cfg.ties: data = data[~data["tie"]].reset_index(drop=True)
     if data.empty: raise ValueError(f"train_reward: no pairs of dimensions {cfg.dimensions or model.dimensions} (the data has {sorted(pairs['dimension'].unique())})")
-    if acc.num_processes > 1 and len(data) < cfg.batch_size:   # then the batch is the whole data, which k processes may not share equally
-        raise ValueError(f"train_reward: {len(data)} training pairs, less than one batch of {cfg.batch_size}: the {acc.num_processes} processes "
-                         f"cannot take equal shares; train on one process, or set batch_size to at most {len(data)} (a multiple of {acc.num_processes})")
+    check_one_batch("train_reward", len(data), cfg.batch_size, acc.num_processes, "training pairs")
     per_epoch = max(1, len(data) // cfg.batch_size)
     total = cfg.max_steps or max(1, int(cfg.epochs * per_epoch / cfg.grad_accum))
     fusion = [p for p in model.fusion.parameters()]
