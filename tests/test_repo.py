@@ -38,3 +38,45 @@ def test_notebook_outputs_small_and_clean():
                 assert size < 100_000, f"{f.name}: cell {c.id} has an output of {size} bytes"
                 total += size
         assert total < 300_000, f"{f.name}: outputs total {total} bytes"
+
+
+def _requirement_closure(reqs: list[str]) -> set[str]:
+    "The distributions `reqs` install: their names and, recursively, their own requirements (extras left out), as installed here."
+    from importlib import metadata
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+    todo, seen = [re.split(r"[<>=!~\[; (]", r)[0] for r in reqs], set()
+    while todo:
+        name = norm(todo.pop())
+        if name in seen: continue
+        seen.add(name)
+        try: todo += [re.split(r"[<>=!~\[; (]", r)[0] for r in metadata.distribution(name).requires or [] if "extra ==" not in r]
+        except metadata.PackageNotFoundError: pass
+    return seen
+
+
+def test_every_import_of_the_package_is_a_runtime_requirement():
+    """Every third-party module that the package imports (at the top or inside a function), or that a stage notebook the
+    batch runner executes imports, comes from a distribution that settings.ini's `requirements` install, not only the dev
+    ones: `pip install instructengine` must run every stage. (The runner once imported fastcore, a dev requirement, and the
+    notebooks' test cells import fastcore.test: `instructengine batch` failed outside a dev install.)"""
+    import ast
+    import sys
+    from importlib import metadata
+
+    from instructengine.batch import STAGES
+    reqs = re.search(r"^requirements = (.*)$", (ROOT / "settings.ini").read_text(), re.M).group(1).split()
+    closure, dists = _requirement_closure(reqs), metadata.packages_distributions()
+    sources = {f.name: f.read_text() for f in sorted((ROOT / "instructengine").glob("*.py"))}
+    for nb in STAGES.values():   # code cells, IPython's magics and shell lines left out
+        cells = nbformat.read(ROOT / "nbs" / nb, as_version=4).cells
+        sources[nb] = "\n".join(line for c in cells if c.cell_type == "code" for line in c.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    missing = {}
+    for name, src in sources.items():
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Import): names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module: names = [node.module]
+            else: continue
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"instructengine"}:
+                assert top in dists, f"{name} imports {top}, which no installed distribution provides"
+                if not {re.sub(r"[-_.]+", "-", d).lower() for d in dists[top]} & closure: missing.setdefault(top, set()).add(name)
+    assert not missing, f"imported, but not installed by settings.ini's requirements: { {k: sorted(v) for k, v in missing.items()} }"
