@@ -9,6 +9,13 @@ much else, but not all of instructengine's dependencies, and it cannot reach PyP
     python3 tools/gpu_figures.py generate     #   instructengine bench generate (no target; SD v1.5)
     python3 tools/gpu_figures.py smoke        #   carrying .whl and runs/sd15-smoke: make gpu-smoke's batch, random weights
 
+Before the GPU session, `python tools/gpu_figures.py rehearse` runs every GPU step here on the CPU, at a tiny size, with
+Python 3.12 and the image's versions of torch, transformers and the rest (as the device notes list them), from a copy
+of what a device command carries: what would break on the image breaks here first.
+
+Arguments after a GPU step go to its command and override ours: `reward --images 4096`, `smoke --set dpo.max_steps=50`;
+`smoke --model FOLDER ...` runs the batch on a pipeline folder of your own instead of runs/sd15-random.
+
 `wheels` reads the image's package list from the device tool's KINDS.md (or a file given, one name or `name==version` a
 line) and leaves out what is optional at run time (the IPython kernel's debugger and completer, the widgets' front end)
 and the 83 MB sentence encoder, which only the taxonomy stage needs; hence `taxonomy` runs here. Each GPU step installs
@@ -22,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -77,6 +85,57 @@ def wheels(pip_list: str = ""):
     print(f".whl/: {size / 2**20:.1f} MiB; with the tracked files {(size + tree) / 2**20:.1f} MiB (a device command carries at most 64 MiB)")
 
 
+def image_versions() -> dict:
+    "The GPU image's versions as the device notes' 'pip list' row gives them (torch, transformers, ...): name -> version."
+    row = re.search(r"pip list, as a session saw it \|.*?filtered by the names it asked for: (.*?) \|", KINDS.read_text())
+    return {_norm(n): v for n, v in re.findall(r"([A-Za-z0-9_.-]+) (\d[\w.+]*)", row.group(1))} if row else {}
+
+
+TINY = {   # each GPU step at a size a CPU runs in seconds to minutes (the dpo step keeps torch.compile, as on a GPU)
+    "reward": ["--device", "cpu", "--backbone", "sandbox", "--images", "64", "--batch-size", "32", "--loop-pairs", "4"],
+    "dpo": ["--device", "cpu", "--size", "tiny", "--model", "sd15", "--compile", "--steps", "2", "--warmup", "1"],
+    "generate": ["--device", "cpu", "--size", "tiny", "--images", "8", "--batch-size", "4", "--steps", "2", "--loop-images", "2"],
+    "smoke": [x for s in ("generate.limit=4", "generate.num_inference_steps=2", "evaluate.limit=1", "evaluate.num_inference_steps=2",
+                          "dpo.max_steps=4", "dpo.config={resolution: 64, gradient_checkpointing: true, checkpoint_every: 50}")
+              for x in ("--set", s)]}
+
+
+def rehearse(python: str = "python3.12"):
+    """Every GPU step on this CPU, as the GPU machine would run it: a venv of `python` (3.12, as the image) with the image's
+    packages at its versions where the device notes give them, a copy of what a device command carries (the tracked and
+    untracked files, .whl/ and runs/sd15-smoke), and each step at a tiny size (TINY). Needs `wheels` and `taxonomy` first."""
+    tmp = Path(tempfile.gettempdir())
+    venv, tree, out = tmp / "gpu-image-venv", tmp / "gpu-device-tree", tmp / "gpu-rehearsal"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    names = {_norm(n.strip()) for n in re.search(r"Packages: (.*?)\.\s*$", KINDS.read_text(), re.M).group(1).split(",")}
+    pins = image_versions()
+    image = [f"{n}=={pins[n]}" if n in pins else n for n in sorted(runtime_closure())
+             if n in names and not re.match(r"(nvidia-|cuda-|triton$)", n)]   # torch brings its own CUDA stack
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *image], check=True)
+    for d in (tree, out): shutil.rmtree(d, ignore_errors=True)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files += [str(p.relative_to(ROOT)) for d in (".whl", "runs/sd15-smoke") for p in (ROOT / d).rglob("*")]
+    for f in files:
+        if (ROOT / f).is_file(): (tree / f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT / f, tree / f)
+    py, env = str(venv / "bin" / "python"), os.environ | {"OUT": str(out)}
+    tiny = tmp / "gpu-rehearsal-sd15-tiny"
+    results = {}
+    for step in ("reward", "dpo", "generate", "smoke"):
+        args = ["--model", str(tiny), *TINY[step]] if step == "smoke" else TINY[step]
+        if step == "smoke":   # a tiny random SD v1.5 pipeline instead of the full-size one
+            subprocess.run([py, "-c", f"from instructengine.bench_diffusion import random_pipeline; random_pipeline({str(tiny)!r}, 'sd15', size='tiny')"],
+                           env=env | {"PYTHONPATH": f"{SITE}:{tree}"}, cwd=tree, check=True)
+        t = time.time()
+        results[step] = (subprocess.run([py, "tools/gpu_figures.py", step, *args], cwd=tree, env=env).returncode, time.time() - t)
+    version = subprocess.run([py, "-c", "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"],
+                             capture_output=True, text=True).stdout.split()
+    print(f"\nrehearsal on Python {version[0]}, torch {version[1]}, transformers {version[2]} (the GPU image's versions where known):")
+    for step, (rc, sec) in results.items(): print(f"  {step:9s} {'ok' if rc == 0 else f'FAILED (exit status {rc})'}  {sec:.0f} s")
+    print(f"printouts and JSON in {out}")
+    if any(rc for rc, _ in results.values()): sys.exit(1)
+
+
 def _env() -> dict:
     whl = sorted((ROOT / ".whl").glob("*.whl"))
     if whl: subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
@@ -96,20 +155,20 @@ def _cli(env, *args, log: str):
 def main(step: str, *rest):
     OUT.mkdir(parents=True, exist_ok=True)
     if step == "wheels": return wheels(*rest)
+    if step == "rehearse": return rehearse(*rest)
     if step == "taxonomy":   # the stage as the smoke config sets it, so the batch on the GPU finds it done and skips it
         stage = _yaml_stage("taxonomy")
         return _cli(os.environ, "run", "taxonomy", "--run-dir", str(SMOKE), *(x for k, v in stage.items() for x in ("-p", f"{k}={v}")), log="taxonomy.txt")
+    if step not in ("reward", "dpo", "generate", "smoke"): sys.exit(f"step {step!r}: expected wheels, taxonomy, rehearse, reward, dpo, generate or smoke")
     env = _env()
-    if step == "reward": _cli(env, "bench", "reward", "--device", "cuda", "--json", str(OUT / "bench-reward.json"), log="bench-reward.txt")
-    elif step == "dpo": _cli(env, "bench", "dpo", "--device", "cuda", "--json", str(OUT / "bench-dpo.json"), log="bench-dpo.txt")
-    elif step == "generate": _cli(env, "bench", "generate", "--device", "cuda", "--json", str(OUT / "bench-generate.json"), log="bench-generate.txt")
-    elif step == "smoke":
-        model = ROOT / "runs" / "sd15-random"
-        if not model.is_dir():
-            subprocess.run([sys.executable, "-c", f"from instructengine.bench_diffusion import random_pipeline; random_pipeline({str(model)!r}, 'sd15')"], env=env, check=True)
-        _cli(env, "batch", "sd15-smoke", *(x for s in ("generate", "dpo", "evaluate") for x in ("--set", f"{s}.model={model}")), log="smoke.txt")
-        (OUT / "report.md").write_text((SMOKE / "report.md").read_text())
-    else: sys.exit(f"step {step!r}: expected wheels, taxonomy, reward, dpo, generate or smoke")
+    if step != "smoke":   # arguments after the step go to the bench command after ours, so they win (`--device cpu --size tiny`)
+        return _cli(env, "bench", step, "--device", "cuda", "--json", str(OUT / f"bench-{step}.json"), *rest, log=f"bench-{step}.txt")
+    model = ROOT / "runs" / "sd15-random"
+    if rest[:1] == ("--model",): model, rest = Path(rest[1]).resolve(), rest[2:]   # a pipeline folder of your own instead
+    elif not model.is_dir():
+        subprocess.run([sys.executable, "-c", f"from instructengine.bench_diffusion import random_pipeline; random_pipeline({str(model)!r}, 'sd15')"], env=env, check=True)
+    _cli(env, "batch", "sd15-smoke", *(x for s in ("generate", "dpo", "evaluate") for x in ("--set", f"{s}.model={model}")), *rest, log="smoke.txt")
+    (OUT / "report.md").write_text((SMOKE / "report.md").read_text())
 
 
 if __name__ == "__main__":
