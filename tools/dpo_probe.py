@@ -28,6 +28,8 @@
     python tools/dpo_probe.py train runs/probe-truth beta=1000 full_finetune=true lr=1e-5
     # no preferences at all: the generator's own recipe (stage 2, on the sandbox CLIP's 40,000 renders) run on for N steps
     python tools/dpo_probe.py continue runs/probe --steps 1000 --lr 1e-4 --ema 0.999
+    # the headroom: ShapesBench's own renders, and the same through the generator's VAE, scored by the oracle
+    python tools/dpo_probe.py ceiling --per-prompt 4
 
 Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
@@ -226,6 +228,29 @@ def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int
     record(folder, f"continue-{steps}-lr{lr:g}-ema{ema:g}-seed{seed}", len(imgs), pipe, time.time() - t0)
 
 
+def ceiling(per_prompt: int):
+    """How much of ShapesBench the generator's latent space can hold at all: the oracle's exact match on renders of every
+    ShapesBench scene (seeds 0..per_prompt-1), and on the same renders after the shipped VAE's encoder (its mean) and
+    decoder. A UNet, however it is trained, draws latents that this decoder turns into pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from instructengine.sandbox import Scene, render, score_bench
+    bench, pipe = load_shapesbench(), load_generator(GeneratorSpec("sandbox", device="cpu"))
+    renders = {r["id"]: [render(Scene.from_dict(r["scene"]), seed=j) for j in range(per_prompt)] for r in bench}
+    flat = [im for ims in renders.values() for im in ims]
+    x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im in flat])
+    with torch.no_grad():
+        y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    out = [Image.fromarray(((y_.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for y_ in y]
+    decoded, k = {}, 0
+    for i, ims in renders.items(): decoded[i] = out[k:k + len(ims)]; k += len(ims)
+    cols = ["exact_match"]
+    table = pd.concat({"renders": score_bench(bench, renders)[1][cols], "through the VAE": score_bench(bench, decoded)[1][cols]}, axis=1)
+    print(f"ShapesBench ({len(bench)} prompts x {per_prompt} renders), the oracle's exact match:")
+    print(table.round(3).to_string())
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -250,10 +275,13 @@ if __name__ == "__main__":
     c.add_argument("folder", type=Path, help="a probe folder: its eval/ holds the base table, its probe-results.jsonl the result")
     c.add_argument("--steps", type=int, default=1000); c.add_argument("--lr", type=float, default=1e-4)
     c.add_argument("--ema", type=float, default=0.999); c.add_argument("--seed", type=int, default=7)
+    ce = sub.add_parser("ceiling", help="ShapesBench's renders, and the same through the generator's VAE, scored by the oracle")
+    ce.add_argument("--per-prompt", type=int, default=4)
     a = ap.parse_args()
     if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
     elif a.cmd == "fuse": fuse(a.lora, a.out)
     elif a.cmd == "truth": truth(a.src, a.out)
+    elif a.cmd == "ceiling": ceiling(a.per_prompt)
     elif a.cmd == "continue": continue_training(a.folder, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
     else: train(a.folder, a.sets, a.swap, a.timesteps)
