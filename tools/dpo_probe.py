@@ -30,6 +30,8 @@
     python tools/dpo_probe.py continue runs/probe --steps 1000 --lr 1e-4 --ema 0.999
     # the headroom: ShapesBench's own renders, and the same through the generator's VAE, scored by the oracle
     python tools/dpo_probe.py ceiling --per-prompt 4
+    # a trained LoRA on classifier-free guidance's conditional branch only (the unconditional one from the base UNet)
+    python tools/dpo_probe.py cond-only runs/probe/probe/beta1000
 
 Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
@@ -251,6 +253,26 @@ def ceiling(per_prompt: int):
     print(table.round(3).to_string())
 
 
+def cond_only(lora: Path, per_prompt: int = 2):
+    """ShapesBench for a trained LoRA two ways: as trained, and with the LoRA on classifier-free guidance's conditional
+    branch only, the unconditional prediction coming from the base UNet (DPO trains on prompts, never on the empty one,
+    so what the LoRA does to the unconditional branch is untrained drift that guidance multiplies)."""
+    bench = load_shapesbench()
+    pipe = load_generator(GeneratorSpec("sandbox", lora=str(lora), device="cpu"))
+    unet, forward = pipe.unet, pipe.unet.forward
+
+    def conditional_only(sample, timestep, encoder_hidden_states=None, **kw):   # the pipeline's batch: [unconditional, conditional]
+        n = sample.shape[0] // 2
+        unet.disable_adapters()
+        try: u = forward(sample[:n], timestep, encoder_hidden_states=encoder_hidden_states[:n], **kw)[0]
+        finally: unet.enable_adapters()
+        return (torch.cat([u, forward(sample[n:], timestep, encoder_hidden_states=encoder_hidden_states[n:], **kw)[0]]),)
+    for name, f in (("as trained", forward), ("conditional branch only", conditional_only)):
+        unet.forward = f
+        table = shapesbench_eval(pipe, bench, per_prompt, 0)[1]
+        print(f"{name}: exact match {table.loc['overall', 'exact_match']:.4f}", table["exact_match"].round(3).to_dict())
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -277,11 +299,14 @@ if __name__ == "__main__":
     c.add_argument("--ema", type=float, default=0.999); c.add_argument("--seed", type=int, default=7)
     ce = sub.add_parser("ceiling", help="ShapesBench's renders, and the same through the generator's VAE, scored by the oracle")
     ce.add_argument("--per-prompt", type=int, default=4)
+    co = sub.add_parser("cond-only", help="ShapesBench for a LoRA as trained and on guidance's conditional branch only")
+    co.add_argument("lora", type=Path)
     a = ap.parse_args()
     if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
     elif a.cmd == "fuse": fuse(a.lora, a.out)
     elif a.cmd == "truth": truth(a.src, a.out)
     elif a.cmd == "ceiling": ceiling(a.per_prompt)
+    elif a.cmd == "cond-only": cond_only(a.lora)
     elif a.cmd == "continue": continue_training(a.folder, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
     else: train(a.folder, a.sets, a.swap, a.timesteps)
