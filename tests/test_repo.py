@@ -40,20 +40,6 @@ def test_notebook_outputs_small_and_clean():
         assert total < 300_000, f"{f.name}: outputs total {total} bytes"
 
 
-def _requirement_closure(reqs: list[str]) -> set[str]:
-    "The distributions `reqs` install: their names and, recursively, their own requirements (extras left out), as installed here."
-    from importlib import metadata
-    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
-    todo, seen = [re.split(r"[<>=!~\[; (]", r)[0] for r in reqs], set()
-    while todo:
-        name = norm(todo.pop())
-        if name in seen: continue
-        seen.add(name)
-        try: todo += [re.split(r"[<>=!~\[; (]", r)[0] for r in metadata.distribution(name).requires or [] if "extra ==" not in r]
-        except metadata.PackageNotFoundError: pass
-    return seen
-
-
 def test_every_import_of_the_package_is_a_runtime_requirement():
     """Every third-party module that the package imports (at the top or inside a function), or that a stage notebook the
     batch runner executes imports, comes from a distribution that settings.ini's `requirements` install, not only the dev
@@ -64,8 +50,9 @@ def test_every_import_of_the_package_is_a_runtime_requirement():
     from importlib import metadata
 
     from instructengine.batch import STAGES
-    reqs = re.search(r"^requirements = (.*)$", (ROOT / "settings.ini").read_text(), re.M).group(1).split()
-    closure, dists = _requirement_closure(reqs), metadata.packages_distributions()
+    sys.path.insert(0, str(ROOT / "tools"))
+    from gpu_figures import _norm, runtime_closure   # what `gpu_figures.py wheels` carries to a GPU is cut from the same closure
+    closure, dists = set(runtime_closure()), metadata.packages_distributions()
     sources = {f.name: f.read_text() for f in sorted((ROOT / "instructengine").glob("*.py"))}
     for nb in STAGES.values():   # code cells, IPython's magics and shell lines left out
         cells = nbformat.read(ROOT / "nbs" / nb, as_version=4).cells
@@ -78,5 +65,5 @@ def test_every_import_of_the_package_is_a_runtime_requirement():
             else: continue
             for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"instructengine"}:
                 assert top in dists, f"{name} imports {top}, which no installed distribution provides"
-                if not {re.sub(r"[-_.]+", "-", d).lower() for d in dists[top]} & closure: missing.setdefault(top, set()).add(name)
+                if not {_norm(d) for d in dists[top]} & closure: missing.setdefault(top, set()).add(name)
     assert not missing, f"imported, but not installed by settings.ini's requirements: { {k: sorted(v) for k, v in missing.items()} }"

@@ -67,12 +67,17 @@ def runtime_closure() -> dict:
     return seen
 
 
-def wheels(pip_list: str = ""):
-    """Download (CPython 3.12, manylinux or pure) the wheels of what we need and the GPU lacks, by `pip_list` (`pip list
-    --format=freeze`, or one name a line), by default the package list of the device tool's KINDS.md."""
+def image_packages(pip_list: str = "") -> set:
+    """The GPU image's distributions, normalised names: from `pip_list` (`pip list --format=freeze`, or one name a line),
+    by default the package list of the device tool's KINDS.md."""
     if pip_list: names = [line.split("==")[0] for line in Path(pip_list).read_text().splitlines()]
     else: names = re.search(r"Packages: (.*?)\.\s*$", KINDS.read_text(), re.M).group(1).split(",")
-    have = {_norm(n.strip()) for n in names if n.strip()}
+    return {_norm(n.strip()) for n in names if n.strip()}
+
+
+def wheels(pip_list: str = ""):
+    "Download (CPython 3.12, manylinux or pure) the wheels of what we need and the GPU image (`image_packages`) lacks."
+    have = image_packages(pip_list)
     need = {n: v for n, v in runtime_closure().items() if n not in have and not SKIP.match(n)}
     print(f"{len(need)} distributions the GPU image lacks: {' '.join(sorted(need))}")
     shutil.rmtree(ROOT / ".whl", ignore_errors=True)
@@ -108,8 +113,7 @@ def rehearse(python: str = "python3.12"):
     venv, tree, out = tmp / "gpu-image-venv", tmp / "gpu-device-tree", tmp / "gpu-rehearsal"
     if not (venv / "bin" / "python").exists():
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    names = {_norm(n.strip()) for n in re.search(r"Packages: (.*?)\.\s*$", KINDS.read_text(), re.M).group(1).split(",")}
-    pins = image_versions()
+    names, pins = image_packages(), image_versions()
     image = [f"{n}=={pins[n]}" if n in pins else n for n in sorted(runtime_closure())
              if n in names and not re.match(r"(nvidia-|cuda-|triton$)", n)]   # torch brings its own CUDA stack
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *image], check=True)
@@ -122,10 +126,11 @@ def rehearse(python: str = "python3.12"):
     tiny = tmp / "gpu-rehearsal-sd15-tiny"
     results = {}
     for step in ("reward", "dpo", "generate", "smoke"):
-        args = ["--model", str(tiny), *TINY[step]] if step == "smoke" else TINY[step]
-        if step == "smoke":   # a tiny random SD v1.5 pipeline instead of the full-size one
+        args = TINY[step]
+        if step == "smoke":   # a tiny random SD v1.5 pipeline instead of the full-size one (the steps before installed the wheels)
             subprocess.run([py, "-c", f"from instructengine.bench_diffusion import random_pipeline; random_pipeline({str(tiny)!r}, 'sd15', size='tiny')"],
                            env=env | {"PYTHONPATH": f"{SITE}:{tree}"}, cwd=tree, check=True)
+            args = ["--model", str(tiny), *args]
         t = time.time()
         results[step] = (subprocess.run([py, "tools/gpu_figures.py", step, *args], cwd=tree, env=env).returncode, time.time() - t)
     version = subprocess.run([py, "-c", "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"],
