@@ -32,6 +32,10 @@
     python tools/dpo_probe.py ceiling --per-prompt 4
     # a trained LoRA on classifier-free guidance's conditional branch only (the unconditional one from the base UNet)
     python tools/dpo_probe.py cond-only runs/probe/probe/beta1000
+    # a base whose failures come from its captions: the shipped UNet's stage 2 run on with a share p of the captions
+    # mislabelled by one content edit (as web alt-text names a wrong colour, count or object), saved and scored; then
+    # the data engine on it (a batch config whose generate and dpo stages set model= that folder) and `train ... model=`
+    python tools/dpo_probe.py noisy-base runs/noisy-base --p 0.3 --steps 1500
 
 Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
@@ -230,25 +234,49 @@ def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int
     record(folder, f"continue-{steps}-lr{lr:g}-ema{ema:g}-seed{seed}", len(imgs), pipe, time.time() - t0)
 
 
+def noisy_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: int):
+    """A base generator misaligned by its captions rather than limited by its capacity: stage 2 of `train_generator`
+    warm-restarted from the shipped UNet on the same 40,000 renders, with a share `p` of the captions replaced by the
+    caption of a one-edit variant of their scene (the ShapesWorld writer's content edits; never a ShapesBench scene).
+    Saves the pipeline to out/model and scores it on ShapesBench (200 prompts x 2 images, seeds 0-1)."""
+    from instructengine.sandbox import SceneError, bench_keys, score_bench
+    from instructengine.sandbox_clip import ClipTrainConfig, clip_data
+    from instructengine.sandbox_generator import GeneratorTrainConfig, bench_images, train_unet
+    from instructengine.taxonomy import SandboxWriter
+    t0 = time.time()
+    (imgs, caps, scenes), _ = clip_data(ClipTrainConfig())
+    rng, writer, held, noisy = random.Random(seed), SandboxWriter(), bench_keys(), list(caps)
+    for i, s in enumerate(scenes):
+        if rng.random() >= p: continue
+        for _ in range(50):
+            try: b = writer._edit(s, rng.choice(("attribute", "object", "count", "relation", "binding")), rng)
+            except SceneError: continue
+            if b is not None and b != s and b.key() not in held:
+                noisy[i] = caption(b, rng.randrange(12), rng.randrange(3)); break
+    print(f"{sum(a != b for a, b in zip(caps, noisy, strict=True))} of {len(caps)} captions mislabelled")
+    pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
+    cfg = GeneratorTrainConfig(refine_steps=steps, refine_lr=lr, warmup=50, seed=seed, ema_decay=ema)
+    pipe.unet, _ = train_unet(cfg, pipe.vae, pipe.text_encoder, pipe.tokenizer, imgs, noisy, log=print, unet=pipe.unet, stage="refine")
+    pipe.save_pretrained(out / "model")
+    bench = load_shapesbench()
+    table = score_bench(bench, bench_images(pipe, bench, 2, 0))[1]
+    table.to_csv(out / "shapesbench.csv")
+    print(table.round(3).to_string(), f"\n{time.time() - t0:.0f} s")
+
+
 def ceiling(per_prompt: int):
     """How much of ShapesBench the generator's latent space can hold at all: the oracle's exact match on renders of every
     ShapesBench scene (seeds 0..per_prompt-1), and on the same renders after the shipped VAE's encoder (its mean) and
     decoder. A UNet, however it is trained, draws latents that this decoder turns into pixels."""
-    import numpy as np
-    from PIL import Image
-
     from instructengine.sandbox import Scene, render, score_bench
     bench, pipe = load_shapesbench(), load_generator(GeneratorSpec("sandbox", device="cpu"))
     renders = {r["id"]: [render(Scene.from_dict(r["scene"]), seed=j) for j in range(per_prompt)] for r in bench}
-    flat = [im for ims in renders.values() for im in ims]
-    x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im in flat])
+    proc = pipe.image_processor   # the pipeline's own conversions between PIL images and the VAE's [-1, 1] tensors
     with torch.no_grad():
-        y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
-    out = [Image.fromarray(((y_.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()) for y_ in y]
-    decoded, k = {}, 0
-    for i, ims in renders.items(): decoded[i] = out[k:k + len(ims)]; k += len(ims)
-    cols = ["exact_match"]
-    table = pd.concat({"renders": score_bench(bench, renders)[1][cols], "through the VAE": score_bench(bench, decoded)[1][cols]}, axis=1)
+        y = pipe.vae.decode(pipe.vae.encode(proc.preprocess([im for ims in renders.values() for im in ims])).latent_dist.mean).sample
+    out = iter(proc.postprocess(y, output_type="pil"))
+    decoded = {i: [next(out) for _ in ims] for i, ims in renders.items()}
+    table = pd.DataFrame({"renders": score_bench(bench, renders)[1]["exact_match"], "through the VAE": score_bench(bench, decoded)[1]["exact_match"]})
     print(f"ShapesBench ({len(bench)} prompts x {per_prompt} renders), the oracle's exact match:")
     print(table.round(3).to_string())
 
@@ -301,12 +329,16 @@ if __name__ == "__main__":
     ce.add_argument("--per-prompt", type=int, default=4)
     co = sub.add_parser("cond-only", help="ShapesBench for a LoRA as trained and on guidance's conditional branch only")
     co.add_argument("lora", type=Path)
+    nb = sub.add_parser("noisy-base", help="a base misaligned by mislabelled captions: stage 2 run on with a share p mislabelled")
+    nb.add_argument("out", type=Path); nb.add_argument("--p", type=float, default=0.3); nb.add_argument("--steps", type=int, default=1500)
+    nb.add_argument("--lr", type=float, default=2e-4); nb.add_argument("--ema", type=float, default=0.999); nb.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
     elif a.cmd == "fuse": fuse(a.lora, a.out)
     elif a.cmd == "truth": truth(a.src, a.out)
     elif a.cmd == "ceiling": ceiling(a.per_prompt)
     elif a.cmd == "cond-only": cond_only(a.lora)
+    elif a.cmd == "noisy-base": noisy_base(a.out, a.p, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "continue": continue_training(a.folder, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
     else: train(a.folder, a.sets, a.swap, a.timesteps)
