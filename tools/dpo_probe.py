@@ -34,8 +34,13 @@
     python tools/dpo_probe.py cond-only runs/probe/probe/beta1000
     # a base whose failures come from its captions: the shipped UNet's stage 2 run on with a share p of the captions
     # mislabelled by one content edit (as web alt-text names a wrong colour, count or object), saved and scored; then
-    # the data engine on it (a batch config whose generate and dpo stages set model= that folder) and `train ... model=`
+    # the data engine on it, then DPO (or method=sft, beta=1000, full_finetune=true lr=1e-5) on its quads against it
     python tools/dpo_probe.py noisy-base runs/noisy-base --p 0.3 --steps 1500
+    instructengine run taxonomy --run-dir runs/noisy-check -p pairs_per_subtopic=5
+    instructengine run generate --run-dir runs/noisy-check -p limit=0 -p images_per_instruction=4 -p model=runs/noisy-base/model
+    instructengine run annotate --run-dir runs/noisy-check -p limit=0 -p pairing=all -p 'judges=[{kind: oracle}]' \
+        -p 'rules=[{rule: follows_own, judge: oracle}]'
+    python tools/dpo_probe.py train runs/noisy-check model=$PWD/runs/noisy-base/model
 
 Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
