@@ -226,16 +226,22 @@ def train_te(folder: Path, text_encoder: str, unet: str, lr_te: float, lr_unet: 
     record(folder, name, len(pairs), pipe, secs, hist)
 
 
+def _run_recipe_on(imgs, caps: list, steps: int, lr: float, ema: float, seed: int, log=None):
+    "The shipped generator with its UNet run on for `steps` of stage 2 of `train_generator` (Min-SNR, optional EMA) on (imgs, caps)."
+    from instructengine.sandbox_generator import GeneratorTrainConfig, train_unet
+    pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
+    cfg = GeneratorTrainConfig(refine_steps=steps, refine_lr=lr, warmup=50, seed=seed, ema_decay=ema)
+    pipe.unet, _ = train_unet(cfg, pipe.vae, pipe.text_encoder, pipe.tokenizer, imgs, caps, log=log, unet=pipe.unet, stage="refine")
+    return pipe
+
+
 def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int):
     """How far the shipped generator is from what its own supervised recipe reaches: stage 2 of `train_generator` (Min-SNR,
     optional EMA) warm-restarted from the shipped UNet on the rendered truth for `steps` more steps, then ShapesBench."""
     from instructengine.sandbox_clip import ClipTrainConfig, clip_data
-    from instructengine.sandbox_generator import GeneratorTrainConfig, train_unet
     t0 = time.time()
     (imgs, caps, _), _ = clip_data(ClipTrainConfig())
-    pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
-    cfg = GeneratorTrainConfig(refine_steps=steps, refine_lr=lr, warmup=50, seed=seed, ema_decay=ema)
-    pipe.unet, _ = train_unet(cfg, pipe.vae, pipe.text_encoder, pipe.tokenizer, imgs, caps, log=None, unet=pipe.unet, stage="refine")
+    pipe = _run_recipe_on(imgs, caps, steps, lr, ema, seed, log=None)
     record(folder, f"continue-{steps}-lr{lr:g}-ema{ema:g}-seed{seed}", len(imgs), pipe, time.time() - t0)
 
 
@@ -246,7 +252,7 @@ def noisy_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: int
     Saves the pipeline to out/model and scores it on ShapesBench (200 prompts x 2 images, seeds 0-1)."""
     from instructengine.sandbox import SceneError, bench_keys, score_bench
     from instructengine.sandbox_clip import ClipTrainConfig, clip_data
-    from instructengine.sandbox_generator import GeneratorTrainConfig, bench_images, train_unet
+    from instructengine.sandbox_generator import bench_images
     from instructengine.taxonomy import SandboxWriter
     t0 = time.time()
     (imgs, caps, scenes), _ = clip_data(ClipTrainConfig())
@@ -259,9 +265,7 @@ def noisy_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: int
             if b is not None and b != s and b.key() not in held:
                 noisy[i] = caption(b, rng.randrange(12), rng.randrange(3)); break
     print(f"{sum(a != b for a, b in zip(caps, noisy, strict=True))} of {len(caps)} captions mislabelled")
-    pipe = load_generator(GeneratorSpec("sandbox", device="cpu", dtype="float32"))
-    cfg = GeneratorTrainConfig(refine_steps=steps, refine_lr=lr, warmup=50, seed=seed, ema_decay=ema)
-    pipe.unet, _ = train_unet(cfg, pipe.vae, pipe.text_encoder, pipe.tokenizer, imgs, noisy, log=print, unet=pipe.unet, stage="refine")
+    pipe = _run_recipe_on(imgs, noisy, steps, lr, ema, seed, log=print)
     pipe.save_pretrained(out / "model")
     bench = load_shapesbench()
     table = score_bench(bench, bench_images(pipe, bench, 2, 0))[1]
