@@ -41,6 +41,8 @@
     instructengine run annotate --run-dir runs/noisy-check -p limit=0 -p pairing=all -p 'judges=[{kind: oracle}]' \
         -p 'rules=[{rule: follows_own, judge: oracle}]'
     python tools/dpo_probe.py train runs/noisy-check model=$PWD/runs/noisy-base/model
+    python tools/dpo_probe.py data runs/probe-noisy --model runs/noisy-base/model   # its on-distribution pairs
+    python tools/dpo_probe.py train runs/probe-noisy beta=1000 model=$PWD/runs/noisy-base/model
 
 Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
