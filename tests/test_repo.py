@@ -50,8 +50,9 @@ def test_every_import_of_the_package_is_a_runtime_requirement():
     from importlib import metadata
 
     from instructengine.batch import STAGES
-    sys.path.insert(0, str(ROOT / "tools"))
-    from gpu_figures import _norm, runtime_closure   # what `gpu_figures.py wheels` carries to a GPU is cut from the same closure
+    sys.path.insert(0, str(ROOT / "tools"))   # only for this import: tools/ is not a package, and the other tests need not see it
+    try: from gpu_figures import _norm, runtime_closure   # what `gpu_figures.py wheels` carries to a GPU is cut from the same closure
+    finally: sys.path.remove(str(ROOT / "tools"))
     closure, dists = set(runtime_closure()), metadata.packages_distributions()
     sources = {f.name: f.read_text() for f in sorted((ROOT / "instructengine").glob("*.py"))}
     for nb in STAGES.values():   # code cells, IPython's magics and shell lines left out
