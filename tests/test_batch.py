@@ -18,8 +18,16 @@ CLI = [sys.executable, "-c", "from instructengine.batch import main; main()"]
 
 
 def cli(*args, cwd=None, timeout=1800):
+    "The console command in a process of its own."
     return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+
+
+def invoke(*args):
+    """The same command in this process (typer's runner), as `subprocess.run` reports it: for checks that need no process
+    of their own, since each new process spends seconds importing torch."""
+    r = CliRunner().invoke(app, list(args), prog_name="instructengine")
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def test_help_lists_every_stage_parameter():
@@ -48,9 +56,9 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
     bad.write_text("stages: {taxonomy: {pairs_per_subtopc: 1}}\n")
     r = cli("batch", str(bad), "--runs", str(tmp_path / "runs"))
     assert r.returncode == 2 and "did you mean 'pairs_per_subtopic'" in r.stderr
-    r = cli("batch", "no-such-config")
+    r = invoke("batch", "no-such-config")
     assert r.returncode == 2 and "sandbox-smoke" in r.stderr
-    r = cli("batch", "sandbox-smoke", "--set", "dpo.max_step=3", "--runs", str(tmp_path / "runs"))
+    r = invoke("batch", "sandbox-smoke", "--set", "dpo.max_step=3", "--runs", str(tmp_path / "runs"))
     assert r.returncode == 2 and "did you mean 'max_steps'" in r.stderr
     cases = {"stages: {taxonomy: {}, generate: {}}\nsweep: {grid: {generate.limt: [1, 2]}}\n": "did you mean 'limit'",   # a grid typo
              "stages: {taxonomy: {}}\nsweep: {from: taxonomy}\n": "sweep.grid = None: expected a mapping",
@@ -58,7 +66,7 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
              "": "has no stages"}
     for text, message in cases.items():
         bad.write_text(text)
-        r = cli("batch", str(bad), "--runs", str(tmp_path / "runs"))
+        r = invoke("batch", str(bad), "--runs", str(tmp_path / "runs"))
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (text, r.stderr[-500:])
     assert not (tmp_path / "runs").exists()
     (tmp_path / "a-file").write_text("")
@@ -66,7 +74,7 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
                           (["batch", "sandbox-smoke", "--runs", str(tmp_path / "a-file")], "error: "),
                           (["report", str(tmp_path / "a-file")], "is a file"),
                           (["run", "dpo", "--run-dir", str(tmp_path / "r"), "-p", "config=5"], "expected a mapping of DPOConfig fields")):
-        r = cli(*args)
+        r = invoke(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
 
 
@@ -184,9 +192,9 @@ def test_report_groups_by_grid_values_that_are_mappings_or_null(tmp_path):
         table = sweep_table(root, ["dpo.x"])
         assert len(table) == 2 and table[("n", "dpo.x")].tolist() == [2, 2], table
         assert "mean ± std" in write_report(root).read_text()
-        r = cli("report", str(root))
+        r = invoke("report", str(root))
         assert r.returncode == 0 and "mean ± std" in r.stdout + r.stderr + (root / "report.md").read_text()
-    assert cli("report", str(tmp_path / "missing")).returncode != 0
+    assert invoke("report", str(tmp_path / "missing")).returncode != 0
 
 
 def test_a_dead_kernel_fails_its_stage_and_the_batch_reports_it(tmp_path, monkeypatch):
