@@ -43,6 +43,16 @@
     python tools/dpo_probe.py train runs/noisy-check model=$PWD/runs/noisy-base/model
     python tools/dpo_probe.py data runs/probe-noisy --model runs/noisy-base/model   # its on-distribution pairs
     python tools/dpo_probe.py train runs/probe-noisy beta=1000 model=$PWD/runs/noisy-base/model
+    # a base with systematic confusions instead: each caption names right for left, purple for blue, three for two (and
+    # back) with probability p per confusion; then the same data engine and trainings on it
+    python tools/dpo_probe.py biased-base runs/biased-base --p 0.5 --steps 1200 --ema 0.995
+    instructengine run taxonomy --run-dir runs/biased-check -p pairs_per_subtopic=5
+    instructengine run generate --run-dir runs/biased-check -p limit=0 -p images_per_instruction=4 -p model=runs/biased-base/model
+    instructengine run annotate --run-dir runs/biased-check -p limit=0 -p pairing=all -p 'judges=[{kind: oracle}]' \
+        -p 'rules=[{rule: follows_own, judge: oracle}]'
+    python tools/dpo_probe.py train runs/biased-check model=$PWD/runs/biased-base/model [method=sft]
+    python tools/dpo_probe.py data runs/probe-biased --model runs/biased-base/model
+    python tools/dpo_probe.py train runs/probe-biased beta=1000 model=$PWD/runs/biased-base/model
 
 Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
 above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
@@ -275,6 +285,44 @@ def noisy_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: int
     print(table.round(3).to_string(), f"\n{time.time() - t0:.0f} s")
 
 
+SWAPS = {"position": ("left", "right"), "color": ("blue", "purple"), "count": (2, 3)}
+
+
+def _swap(x, pair):
+    "The other value of `pair` for either of its values; anything else unchanged."
+    u, v = pair
+    return v if x == u else u if x == v else x
+
+
+def biased_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: int):
+    """A base with systematic confusions, as web-trained models have (left for right, a wrong hue, two for three): stage 2
+    of `train_generator` warm-restarted from the shipped UNet on the same 40,000 renders, where each scene's caption, with
+    probability `p` for each of SWAPS that applies to it, names the other of the pair (every group's slot swapped; a scene
+    that cannot hold the swap keeps its words). Saves the pipeline to out/model and scores it on ShapesBench."""
+    from dataclasses import replace
+    from instructengine.sandbox import Scene, SceneError, bench_keys, score_bench
+    from instructengine.sandbox_clip import ClipTrainConfig, clip_data
+    from instructengine.sandbox_generator import bench_images
+    t0 = time.time()
+    (imgs, caps, scenes), _ = clip_data(ClipTrainConfig())
+    rng, held, biased, swapped = random.Random(seed), bench_keys(), list(caps), dict.fromkeys(SWAPS, 0)
+    for i, s in enumerate(scenes):
+        b = s
+        for slot, pair in SWAPS.items():
+            if not any(getattr(g, slot) in pair for g in b.groups) or rng.random() >= p: continue
+            try: c = Scene(tuple(replace(g, **{slot: _swap(getattr(g, slot), pair)}) for g in b.groups), b.finish, b.backdrop)
+            except SceneError: continue
+            if c.key() not in held: b = c; swapped[slot] += 1
+        if b != s: biased[i] = caption(b, rng.randrange(12), rng.randrange(3))
+    print(f"{sum(a != b for a, b in zip(caps, biased, strict=True))} of {len(caps)} captions swapped: {swapped}")
+    pipe = _run_recipe_on(imgs, biased, steps, lr, ema, seed, log=print)
+    pipe.save_pretrained(out / "model")
+    bench = load_shapesbench()
+    table = score_bench(bench, bench_images(pipe, bench, 2, 0))[1]
+    table.to_csv(out / "shapesbench.csv")
+    print(table.round(3).to_string(), f"\n{time.time() - t0:.0f} s")
+
+
 def ceiling(per_prompt: int):
     """How much of ShapesBench the generator's latent space can hold at all: the oracle's exact match on renders of every
     ShapesBench scene (seeds 0..per_prompt-1), and on the same renders after the shipped VAE's encoder (its mean) and
@@ -343,6 +391,9 @@ if __name__ == "__main__":
     nb = sub.add_parser("noisy-base", help="a base misaligned by mislabelled captions: stage 2 run on with a share p mislabelled")
     nb.add_argument("out", type=Path); nb.add_argument("--p", type=float, default=0.3); nb.add_argument("--steps", type=int, default=1500)
     nb.add_argument("--lr", type=float, default=2e-4); nb.add_argument("--ema", type=float, default=0.999); nb.add_argument("--seed", type=int, default=0)
+    bb = sub.add_parser("biased-base", help="a base with systematic confusions (left/right, blue/purple, two/three), each with probability p")
+    bb.add_argument("out", type=Path); bb.add_argument("--p", type=float, default=0.5); bb.add_argument("--steps", type=int, default=1500)
+    bb.add_argument("--lr", type=float, default=2e-4); bb.add_argument("--ema", type=float, default=0.999); bb.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "data": make_data(a.out, a.per_category, a.images, a.seed, a.model)
     elif a.cmd == "fuse": fuse(a.lora, a.out)
@@ -350,6 +401,7 @@ if __name__ == "__main__":
     elif a.cmd == "ceiling": ceiling(a.per_prompt)
     elif a.cmd == "cond-only": cond_only(a.lora)
     elif a.cmd == "noisy-base": noisy_base(a.out, a.p, a.steps, a.lr, a.ema, a.seed)
+    elif a.cmd == "biased-base": biased_base(a.out, a.p, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "continue": continue_training(a.folder, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "train-te": train_te(a.folder, a.text_encoder, a.unet, a.lr_te, a.lr_unet, a.beta, a.steps, a.batch_size, a.seed, a.keep_uncond)
     else: train(a.folder, a.sets, a.swap, a.timesteps)
