@@ -257,14 +257,24 @@ def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int
     record(folder, f"continue-{steps}-lr{lr:g}-ema{ema:g}-seed{seed}", len(imgs), pipe, time.time() - t0)
 
 
+def _save_and_score(out: Path, pipe, t0: float):
+    "Save a probe base to out/model, score it on ShapesBench (200 prompts x 2 images, seeds 0-1) into out/shapesbench.csv."
+    from instructengine.sandbox import score_bench
+    from instructengine.sandbox_generator import bench_images
+    pipe.save_pretrained(out / "model")
+    bench = load_shapesbench()
+    table = score_bench(bench, bench_images(pipe, bench, 2, 0))[1]
+    table.to_csv(out / "shapesbench.csv")
+    print(table.round(3).to_string(), f"\n{time.time() - t0:.0f} s")
+
+
 def noisy_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: int):
     """A base generator misaligned by its captions rather than limited by its capacity: stage 2 of `train_generator`
     warm-restarted from the shipped UNet on the same 40,000 renders, with a share `p` of the captions replaced by the
     caption of a one-edit variant of their scene (the ShapesWorld writer's content edits; never a ShapesBench scene).
     Saves the pipeline to out/model and scores it on ShapesBench (200 prompts x 2 images, seeds 0-1)."""
-    from instructengine.sandbox import SceneError, bench_keys, score_bench
+    from instructengine.sandbox import SceneError, bench_keys
     from instructengine.sandbox_clip import ClipTrainConfig, clip_data
-    from instructengine.sandbox_generator import bench_images
     from instructengine.taxonomy import SandboxWriter
     t0 = time.time()
     (imgs, caps, scenes), _ = clip_data(ClipTrainConfig())
@@ -277,12 +287,7 @@ def noisy_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: int
             if b is not None and b != s and b.key() not in held:
                 noisy[i] = caption(b, rng.randrange(12), rng.randrange(3)); break
     print(f"{sum(a != b for a, b in zip(caps, noisy, strict=True))} of {len(caps)} captions mislabelled")
-    pipe = _run_recipe_on(imgs, noisy, steps, lr, ema, seed, log=print)
-    pipe.save_pretrained(out / "model")
-    bench = load_shapesbench()
-    table = score_bench(bench, bench_images(pipe, bench, 2, 0))[1]
-    table.to_csv(out / "shapesbench.csv")
-    print(table.round(3).to_string(), f"\n{time.time() - t0:.0f} s")
+    _save_and_score(out, _run_recipe_on(imgs, noisy, steps, lr, ema, seed, log=print), t0)
 
 
 SWAPS = {"position": ("left", "right"), "color": ("blue", "purple"), "count": (2, 3)}
@@ -300,9 +305,8 @@ def biased_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: in
     probability `p` for each of SWAPS that applies to it, names the other of the pair (every group's slot swapped; a scene
     that cannot hold the swap keeps its words). Saves the pipeline to out/model and scores it on ShapesBench."""
     from dataclasses import replace
-    from instructengine.sandbox import Scene, SceneError, bench_keys, score_bench
+    from instructengine.sandbox import Scene, SceneError, bench_keys
     from instructengine.sandbox_clip import ClipTrainConfig, clip_data
-    from instructengine.sandbox_generator import bench_images
     t0 = time.time()
     (imgs, caps, scenes), _ = clip_data(ClipTrainConfig())
     rng, held, biased, swapped = random.Random(seed), bench_keys(), list(caps), dict.fromkeys(SWAPS, 0)
@@ -315,12 +319,7 @@ def biased_base(out: Path, p: float, steps: int, lr: float, ema: float, seed: in
             if c.key() not in held: b = c; swapped[slot] += 1
         if b != s: biased[i] = caption(b, rng.randrange(12), rng.randrange(3))
     print(f"{sum(a != b for a, b in zip(caps, biased, strict=True))} of {len(caps)} captions swapped: {swapped}")
-    pipe = _run_recipe_on(imgs, biased, steps, lr, ema, seed, log=print)
-    pipe.save_pretrained(out / "model")
-    bench = load_shapesbench()
-    table = score_bench(bench, bench_images(pipe, bench, 2, 0))[1]
-    table.to_csv(out / "shapesbench.csv")
-    print(table.round(3).to_string(), f"\n{time.time() - t0:.0f} s")
+    _save_and_score(out, _run_recipe_on(imgs, biased, steps, lr, ema, seed, log=print), t0)
 
 
 def ceiling(per_prompt: int):
