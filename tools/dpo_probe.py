@@ -30,6 +30,11 @@
     python tools/dpo_probe.py continue runs/probe --steps 1000 --lr 1e-4 --ema 0.999
     # the headroom: ShapesBench's own renders, and the same through the generator's VAE, scored by the oracle
     python tools/dpo_probe.py ceiling --per-prompt 4
+    # does training move the sampler on its own prompts? a trained LoRA (or whole UNet) against the base on the probe
+    # folder's prompts with fresh seeds, split into the prompts that gave pairs and those that did not
+    python tools/dpo_probe.py in-sample runs/probe runs/probe/probe/beta1000 --max-prompts 150
+    python tools/dpo_probe.py train runs/probe beta=1000 max_steps=600
+    python tools/dpo_probe.py in-sample runs/probe runs/probe/probe/beta1000-max_steps600 --max-prompts 150
     # a trained LoRA on classifier-free guidance's conditional branch only (the unconditional one from the base UNet)
     python tools/dpo_probe.py cond-only runs/probe/probe/beta1000
     # a base whose failures come from its captions: the shipped UNet's stage 2 run on with a share p of the captions
@@ -54,8 +59,9 @@
     python tools/dpo_probe.py data runs/probe-biased --model runs/biased-base/model
     python tools/dpo_probe.py train runs/probe-biased beta=1000 model=$PWD/runs/biased-base/model
 
-Each `train`, `train-te` and `continue` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes about 11 min at the sizes
-above (300 prompts a category: 28 min) and `train` about 3-5 min (150 steps and the scoring).
+Each `train`, `train-te`, `continue` and `in-sample` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes
+about 10 min at the sizes above (300 prompts a category: 28 min), `train` about 3-5 min (150 steps and the scoring), and `in-sample`
+about 7 min (150 prompts a group, 2 images each, base and trained).
 """
 import argparse, json, os, random, sys, time
 from pathlib import Path
@@ -359,6 +365,37 @@ def cond_only(lora: Path, per_prompt: int = 2):
         print(f"{name}: exact match {table.loc['overall', 'exact_match']:.4f}", table["exact_match"].round(3).to_dict())
 
 
+def in_sample(folder: Path, lora: Path, images: int, max_prompts: int, seed: int, model: str = "sandbox"):
+    """Does DPO move the policy on the prompts it trained on? The oracle's exact match of the base `model` and of it with
+    `lora`, on a probe folder's own prompts with fresh seeds (5000 + 100,000 * seed + i; `data` drew its images with 1000 + i), split into
+    the prompts that gave pairs (trained on) and those that did not (every image passed, or every one failed); each group
+    capped at `max_prompts` prompts, drawn evenly. A gain here but not on ShapesBench is a generalisation gap; none here
+    either means the training does not move the sampler."""
+    d, pairs = pd.read_csv(folder / "images.csv"), pd.read_parquet(folder / "pairs.parquet")
+    by_prompt = d.groupby("prompt", sort=False).agg(category=("category", "first"), passed=("ok", "mean"))
+    by_prompt["group"] = ["trained" if p in set(pairs.prompt) else "all passed" if r == 1 else "all failed"
+                          for p, r in zip(by_prompt.index, by_prompt.passed, strict=True)]
+    even = lambda g: g.iloc[sorted({round(i * (len(g) - 1) / max(1, min(len(g), max_prompts) - 1)) for i in range(min(len(g), max_prompts))})]
+    picked = pd.concat([even(g) for _, g in by_prompt.groupby("group")])   # evenly over each group (the folder lists prompts by category)
+    prompts = [p for p in picked.index for _ in range(images)]
+    seeds = [5000 + 100_000 * seed + i for i in range(len(prompts))]
+    rows = []
+    for name, spec in (("base", GeneratorSpec(model, device="cpu")), ("lora", GeneratorSpec(model, lora=str(lora), device="cpu"))):
+        imgs = generate(load_generator(spec), prompts, seeds, batch_size=128)
+        rows += [{"prompt": p, "model": name, "ok": check(im, p).overall} for p, im in zip(prompts, imgs, strict=True)]
+    r = pd.DataFrame(rows).join(picked[["group", "category"]], on="prompt")
+    table = r.pivot_table(index="group", columns="model", values="ok", aggfunc="mean")
+    table["gain_points"] = 100 * (table["lora"] - table["base"])
+    table["prompts"] = picked.group.value_counts()
+    print(f"{lora}: exact match on {folder}'s own prompts, {images} fresh seeds each")
+    print(table.round(3).to_string())
+    cats = r[r.group == "trained"].pivot_table(index="category", columns="model", values="ok", aggfunc="mean")
+    print("trained prompts by category:", (100 * (cats["lora"] - cats["base"])).round(1).to_dict())
+    rec = {"name": f"in-sample {lora.name}", "images": images, "gain_points_by_group": table["gain_points"].round(1).to_dict(),
+           "base_by_group": table["base"].round(3).to_dict(), "prompts_by_group": table["prompts"].to_dict()}
+    with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -387,6 +424,10 @@ if __name__ == "__main__":
     ce.add_argument("--per-prompt", type=int, default=4)
     co = sub.add_parser("cond-only", help="ShapesBench for a LoRA as trained and on guidance's conditional branch only")
     co.add_argument("lora", type=Path)
+    ins = sub.add_parser("in-sample", help="a LoRA against the base on a probe folder's own prompts (fresh seeds): trained or not")
+    ins.add_argument("folder", type=Path); ins.add_argument("lora", type=Path)
+    ins.add_argument("--images", type=int, default=2); ins.add_argument("--max-prompts", type=int, default=200)
+    ins.add_argument("--seed", type=int, default=0); ins.add_argument("--model", default="sandbox")
     def probe_base(name, help, p, steps, ema):   # the defaults are the measured runs' settings
         b = sub.add_parser(name, help=help)
         b.add_argument("out", type=Path); b.add_argument("--p", type=float, default=p); b.add_argument("--steps", type=int, default=steps)
@@ -399,6 +440,7 @@ if __name__ == "__main__":
     elif a.cmd == "truth": truth(a.src, a.out)
     elif a.cmd == "ceiling": ceiling(a.per_prompt)
     elif a.cmd == "cond-only": cond_only(a.lora)
+    elif a.cmd == "in-sample": in_sample(a.folder, a.lora, a.images, a.max_prompts, a.seed, a.model)
     elif a.cmd == "noisy-base": noisy_base(a.out, a.p, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "biased-base": biased_base(a.out, a.p, a.steps, a.lr, a.ema, a.seed)
     elif a.cmd == "continue": continue_training(a.folder, a.steps, a.lr, a.ema, a.seed)
