@@ -375,8 +375,10 @@ def in_sample(folder: Path, lora: Path, images: int, max_prompts: int, seed: int
     by_prompt = d.groupby("prompt", sort=False).agg(category=("category", "first"), passed=("ok", "mean"))
     by_prompt["group"] = ["trained" if p in set(pairs.prompt) else "all passed" if r == 1 else "all failed"
                           for p, r in zip(by_prompt.index, by_prompt.passed, strict=True)]
-    even = lambda g: g.iloc[sorted({round(i * (len(g) - 1) / max(1, min(len(g), max_prompts) - 1)) for i in range(min(len(g), max_prompts))})]
-    picked = pd.concat([even(g) for _, g in by_prompt.groupby("group")])   # evenly over each group (the folder lists prompts by category)
+    def evenly(g):   # the folder lists its prompts by category: spread the pick over all of them
+        k = min(len(g), max_prompts)
+        return g.iloc[[round(i * (len(g) - 1) / (k - 1)) for i in range(k)] if k > 1 else slice(0, k)]
+    picked = pd.concat([evenly(g) for _, g in by_prompt.groupby("group")])
     prompts = [p for p in picked.index for _ in range(images)]
     seeds = [5000 + 100_000 * seed + i for i in range(len(prompts))]
     rows = []
