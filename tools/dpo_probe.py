@@ -384,17 +384,22 @@ def in_sample(folder: Path, lora: Path, images: int, max_prompts: int, seed: int
     rows = []
     for name, spec in (("base", GeneratorSpec(model, device="cpu")), ("lora", GeneratorSpec(model, lora=str(lora), device="cpu"))):
         imgs = generate(load_generator(spec), prompts, seeds, batch_size=128)
-        rows += [{"prompt": p, "model": name, "ok": check(im, p).overall} for p, im in zip(prompts, imgs, strict=True)]
+        rows += [{"prompt": p, "seed": sd, "model": name, "ok": check(im, p).overall} for p, sd, im in zip(prompts, seeds, imgs, strict=True)]
     r = pd.DataFrame(rows).join(picked[["group", "category"]], on="prompt")
     table = r.pivot_table(index="group", columns="model", values="ok", aggfunc="mean")
     table["gain_points"] = 100 * (table["lora"] - table["base"])
     table["prompts"] = picked.group.value_counts()
+    paired = r.pivot_table(index=["group", "prompt", "seed"], columns="model", values="ok", aggfunc="first").astype(bool)
+    # the same prompt and seed: how many verdicts the training turned each way (a small gain from few flips, or from many that cancel?)
+    table["fail_to_pass"] = (~paired.base & paired.lora).groupby(level="group").sum()
+    table["pass_to_fail"] = (paired.base & ~paired.lora).groupby(level="group").sum()
     print(f"{lora}: exact match on {folder}'s own prompts, {images} fresh seeds each")
     print(table.round(3).to_string())
     cats = r[r.group == "trained"].pivot_table(index="category", columns="model", values="ok", aggfunc="mean")
     print("trained prompts by category:", (100 * (cats["lora"] - cats["base"])).round(1).to_dict())
     rec = {"name": f"in-sample {lora.name}", "images": images, "gain_points_by_group": table["gain_points"].round(1).to_dict(),
-           "base_by_group": table["base"].round(3).to_dict(), "prompts_by_group": table["prompts"].to_dict()}
+           "base_by_group": table["base"].round(3).to_dict(), "prompts_by_group": table["prompts"].to_dict(),
+           "fail_to_pass": table["fail_to_pass"].to_dict(), "pass_to_fail": table["pass_to_fail"].to_dict()}
     with open(folder / "probe-results.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
 
 
