@@ -32,9 +32,9 @@
     python tools/dpo_probe.py ceiling --per-prompt 4
     # does training move the sampler on its own prompts? a trained LoRA (or whole UNet) against the base on the probe
     # folder's prompts with fresh seeds, split into the prompts that gave pairs and those that did not
-    python tools/dpo_probe.py in-sample runs/probe runs/probe/probe/beta1000 --max-prompts 150
+    python tools/dpo_probe.py in-sample runs/probe runs/probe/probe/beta1000
     python tools/dpo_probe.py train runs/probe beta=1000 max_steps=600
-    python tools/dpo_probe.py in-sample runs/probe runs/probe/probe/beta1000-max_steps600 --max-prompts 150
+    python tools/dpo_probe.py in-sample runs/probe runs/probe/probe/beta1000-max_steps600
     # a trained LoRA on classifier-free guidance's conditional branch only (the unconditional one from the base UNet)
     python tools/dpo_probe.py cond-only runs/probe/probe/beta1000
     # a base whose failures come from its captions: the shipped UNet's stage 2 run on with a share p of the captions
@@ -265,11 +265,8 @@ def continue_training(folder: Path, steps: int, lr: float, ema: float, seed: int
 
 def _save_and_score(out: Path, pipe, t0: float):
     "Save a probe base to out/model, score it on ShapesBench (200 prompts x 2 images, seeds 0-1) into out/shapesbench.csv."
-    from instructengine.sandbox import score_bench
-    from instructengine.sandbox_generator import bench_images
     pipe.save_pretrained(out / "model")
-    bench = load_shapesbench()
-    table = score_bench(bench, bench_images(pipe, bench, 2, 0))[1]
+    table = shapesbench_eval(pipe, load_shapesbench(), 2, 0)[1]
     table.to_csv(out / "shapesbench.csv")
     print(table.round(3).to_string(), f"\n{time.time() - t0:.0f} s")
 
@@ -371,9 +368,9 @@ def in_sample(folder: Path, lora: Path, images: int, max_prompts: int, seed: int
     the prompts that gave pairs (trained on) and those that did not (every image passed, or every one failed); each group
     capped at `max_prompts` prompts, drawn evenly. A gain here but not on ShapesBench is a generalisation gap; none here
     either means the training does not move the sampler."""
-    d, pairs = pd.read_csv(folder / "images.csv"), pd.read_parquet(folder / "pairs.parquet")
+    d, trained = pd.read_csv(folder / "images.csv"), set(pd.read_parquet(folder / "pairs.parquet").prompt)
     by_prompt = d.groupby("prompt", sort=False).agg(category=("category", "first"), passed=("ok", "mean"))
-    by_prompt["group"] = ["trained" if p in set(pairs.prompt) else "all passed" if r == 1 else "all failed"
+    by_prompt["group"] = ["trained" if p in trained else "all passed" if r == 1 else "all failed"
                           for p, r in zip(by_prompt.index, by_prompt.passed, strict=True)]
     def evenly(g):   # the folder lists its prompts by category: spread the pick over all of them
         k = min(len(g), max_prompts)
@@ -385,17 +382,18 @@ def in_sample(folder: Path, lora: Path, images: int, max_prompts: int, seed: int
     for name, spec in (("base", GeneratorSpec(model, device="cpu")), ("lora", GeneratorSpec(model, lora=str(lora), device="cpu"))):
         imgs = generate(load_generator(spec), prompts, seeds, batch_size=128)
         rows += [{"prompt": p, "seed": sd, "model": name, "ok": check(im, p).overall} for p, sd, im in zip(prompts, seeds, imgs, strict=True)]
-    r = pd.DataFrame(rows).join(picked[["group", "category"]], on="prompt")
-    table = r.pivot_table(index="group", columns="model", values="ok", aggfunc="mean")
+    # one row per (prompt, seed), the base's verdict beside the trained model's
+    paired = (pd.DataFrame(rows).join(picked[["group", "category"]], on="prompt")
+              .pivot_table(index=["group", "category", "prompt", "seed"], columns="model", values="ok", aggfunc="first").astype(bool))
+    table = paired.groupby(level="group").mean()
     table["gain_points"] = 100 * (table["lora"] - table["base"])
     table["prompts"] = picked.group.value_counts()
-    paired = r.pivot_table(index=["group", "prompt", "seed"], columns="model", values="ok", aggfunc="first").astype(bool)
-    # the same prompt and seed: how many verdicts the training turned each way (a small gain from few flips, or from many that cancel?)
+    # how many verdicts the training turned each way: a small gain from few changes, or from many that cancel?
     table["fail_to_pass"] = (~paired.base & paired.lora).groupby(level="group").sum()
     table["pass_to_fail"] = (paired.base & ~paired.lora).groupby(level="group").sum()
     print(f"{lora}: exact match on {folder}'s own prompts, {images} fresh seeds each")
     print(table.round(3).to_string())
-    cats = r[r.group == "trained"].pivot_table(index="category", columns="model", values="ok", aggfunc="mean")
+    cats = paired.loc["trained"].groupby(level="category").mean()
     print("trained prompts by category:", (100 * (cats["lora"] - cats["base"])).round(1).to_dict())
     rec = {"name": f"in-sample {lora.name}", "images": images, "gain_points_by_group": table["gain_points"].round(1).to_dict(),
            "base_by_group": table["base"].round(3).to_dict(), "prompts_by_group": table["prompts"].to_dict(),
@@ -431,9 +429,9 @@ if __name__ == "__main__":
     ce.add_argument("--per-prompt", type=int, default=4)
     co = sub.add_parser("cond-only", help="ShapesBench for a LoRA as trained and on guidance's conditional branch only")
     co.add_argument("lora", type=Path)
-    ins = sub.add_parser("in-sample", help="a LoRA against the base on a probe folder's own prompts (fresh seeds): trained or not")
-    ins.add_argument("folder", type=Path); ins.add_argument("lora", type=Path)
-    ins.add_argument("--images", type=int, default=2); ins.add_argument("--max-prompts", type=int, default=200)
+    ins = sub.add_parser("in-sample", help="a trained LoRA or UNet against the base on a probe folder's own prompts (fresh seeds)")
+    ins.add_argument("folder", type=Path); ins.add_argument("lora", type=Path, help="a `train` output folder: a LoRA or a whole UNet")
+    ins.add_argument("--images", type=int, default=2); ins.add_argument("--max-prompts", type=int, default=150)
     ins.add_argument("--seed", type=int, default=0); ins.add_argument("--model", default="sandbox")
     def probe_base(name, help, p, steps, ema):   # the defaults are the measured runs' settings
         b = sub.add_parser(name, help=help)
