@@ -113,6 +113,8 @@ def main(folders, steps: int, seeds=(0,), shares=(0.25, 0.5, 1.0), width: int = 
                       "accuracy of a fit read with error sd": ceiling(pairs)}), flush=True)
     px = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255).permute(2, 0, 1) for p in df.path])
     test = pairs[pairs.test]
+    if test.empty or len(test) == len(pairs): sys.exit(f"{', '.join(map(str, folders))}: expected decided fidelity pairs on both sides "
+                                                        f"of the split, found {len(pairs) - len(test)} to train on and {len(test)} to test")
     train_prompts = sorted(df[~df.test].prompt.unique())
     np.random.default_rng(1).shuffle(train_prompts)
     for share, seed in itertools.product(shares, seeds):
@@ -133,4 +135,6 @@ if __name__ == "__main__":
     ap.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="shares of the training prompts, nested")
     ap.add_argument("--width", type=int, default=16, help="the CNN's first channel count (it doubles twice)")
     a = ap.parse_args()
+    if a.steps < 40: ap.error(f"--steps {a.steps}: expected at least 40 (the one-cycle schedule warms up over 5% of them)")
+    if not all(0 < x <= 1 for x in a.shares): ap.error(f"--shares {a.shares}: expected shares in (0, 1]")
     main(a.folders, a.steps, a.seeds, a.shares, a.width)
