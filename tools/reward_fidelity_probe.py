@@ -30,34 +30,41 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from PIL import Image
 
-from instructengine.sandbox import read_image
+from instructengine.sandbox import parse_caption, rate, read_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reward_image_only_probe import scorer   # noqa: E402
 
-THRESHOLDS = (0.5, 0.65, 0.75, 0.85)   # sandbox.rate's fidelity steps
+# sandbox.rate's fidelity rule, written out because `rate` gives the mean fit only inside its rationale text; `load`
+# checks it against `rate` on a sample of the images, so a change to the oracle stops the probe instead of skewing it
+THRESHOLDS = (0.5, 0.65, 0.75, 0.85)
 
 
-def mean_fit(path) -> float:
+def mean_fit(pixels: np.ndarray) -> float:
     "The oracle's mean shape fit of one image (0 when it reads no object), as `sandbox.rate` computes it."
-    objs = read_image(Image.open(path)).objects
+    objs = read_image(pixels).objects
     return float(np.mean([o.fit for o in objs])) if objs else 0.0
 
 
-def load(folders) -> pd.DataFrame:
-    "One row an image of every folder: folder, prompt, path, fit, fidelity rating, and whether its prompt is held out."
+def load(folders) -> tuple:
+    """One row an image of every folder (folder, prompt, path, fit, fidelity rating, whether its prompt is held out), and
+    the images' pixels as a uint8 array (N, H, W, 3), each file read once."""
     frames = []
     for f in folders:
         d = pd.read_csv(Path(f) / "images.csv")
         if d.empty or not {"prompt", "path"} <= set(d.columns): raise ValueError(f"{f}/images.csv: expected rows with prompt and path")
         frames.append(d.assign(folder=str(f)))
     df = pd.concat(frames, ignore_index=True)
-    df["fit"] = [mean_fit(p) for p in df.path]
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in df.path])
+    df["fit"] = [mean_fit(a) for a in pixels]
     df["fidelity"] = [1 + sum(f >= t for t in THRESHOLDS) for f in df.fit]
+    for i in range(0, len(df), max(1, len(df) // 50)):
+        ours, oracle = df.fidelity[i], rate(Image.fromarray(pixels[i]), parse_caption(df.prompt[i]))["fidelity"]
+        if ours != oracle: raise RuntimeError(f"{df.path[i]}: fidelity {ours} here, {oracle} from sandbox.rate; update THRESHOLDS and mean_fit")
     prompts = sorted(df.prompt.unique())
     np.random.default_rng(0).shuffle(prompts)
     df["test"] = df.prompt.isin(set(prompts[: len(prompts) // 5]))
-    return df
+    return df, pixels
 
 
 def decided_pairs(df: pd.DataFrame) -> pd.DataFrame:
@@ -103,7 +110,7 @@ def train_eval(px, train: pd.DataFrame, test: pd.DataFrame, steps: int, seed: in
 
 
 def main(folders, steps: int, seeds=(0,), shares=(0.25, 0.5, 1.0), width: int = 16):
-    df = load(folders)
+    df, pixels = load(folders)
     pairs = decided_pairs(df)
     pairs["test"] = df.test.to_numpy()[pairs.w]
     one = pairs[pairs.gap == 1].dfit
@@ -111,7 +118,7 @@ def main(folders, steps: int, seeds=(0,), shares=(0.25, 0.5, 1.0), width: int = 
                       "gap shares": {int(k): round(v, 3) for k, v in pairs.gap.value_counts(normalize=True).sort_index().items()},
                       "fit difference of one-point pairs, quantiles": {str(q): round(v, 3) for q, v in one.quantile([0.1, 0.25, 0.5, 0.75, 0.9]).items()},
                       "accuracy of a fit read with error sd": ceiling(pairs)}), flush=True)
-    px = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255).permute(2, 0, 1) for p in df.path])
+    px = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float() / 255   # (N, 3, H, W), the layout the CNN was measured with
     test = pairs[pairs.test]
     if test.empty or len(test) == len(pairs): sys.exit(f"{', '.join(map(str, folders))}: expected decided fidelity pairs on both sides "
                                                         f"of the split, found {len(pairs) - len(test)} to train on and {len(test)} to test")
