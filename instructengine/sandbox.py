@@ -6,10 +6,11 @@
 __all__ = ['SHAPES', 'COLORS', 'SIZES', 'POSITIONS', 'FINISHES', 'BACKDROPS', 'BACKGROUND', 'CHECKER', 'RADIUS', 'MAX_OBJECTS',
            'BLUR', 'NOISE', 'UNITS', 'CAPACITY', 'CATEGORIES', 'HELD_OUT_COMBOS', 'COUNT_WORDS', 'SIZE_WORDS',
            'COLOR_WORDS', 'SHAPE_WORDS', 'POSITION_WORDS', 'FINISH_WORDS', 'BACKDROP_WORDS', 'JOINERS', 'N_TEMPLATES',
-           'ZONE_BOUNDS', 'GAP', 'EDGE', 'FG_THRESHOLD', 'ASPECTS', 'SHAPESBENCH_VERSION', 'SceneError', 'Group',
-           'Scene', 'sample_scene', 'caption', 'parse_caption', 'scene_diff', 'Obj', 'zone_of', 'in_zone', 'layout',
-           'shape_mask', 'coverage', 'render', 'Detected', 'Reading', 'read_image', 'Check', 'check', 'rate',
-           'oracle_accuracy', 'build_shapesbench', 'load_shapesbench', 'bench_keys', 'bootstrap_ci', 'score_bench']
+           'ZONE_BOUNDS', 'GAP', 'EDGE', 'FG_THRESHOLD', 'ASPECTS', 'FIDELITY_THRESHOLDS', 'SHAPESBENCH_VERSION',
+           'SceneError', 'Group', 'Scene', 'sample_scene', 'caption', 'parse_caption', 'scene_diff', 'Obj', 'zone_of',
+           'in_zone', 'layout', 'shape_mask', 'coverage', 'render', 'Detected', 'Reading', 'read_image', 'Check',
+           'check', 'mean_fit', 'fidelity_rating', 'rate', 'oracle_accuracy', 'build_shapesbench', 'load_shapesbench',
+           'bench_keys', 'bootstrap_ci', 'score_bench']
 
 # %% ../nbs/01_sandbox.ipynb #4b5d68bd
 import dataclasses
@@ -555,6 +556,17 @@ def check(image, scene) -> Check:
 
 # %% ../nbs/01_sandbox.ipynb #e78b8a2b
 ASPECTS = ("prompt_following", "aesthetic", "fidelity", "harmlessness")
+FIDELITY_THRESHOLDS = (0.5, 0.65, 0.75, 0.85)   # the mean template fits that earn one fidelity point each
+
+
+def mean_fit(reading: Reading) -> float:
+    "The mean template fit of the objects the oracle read (0 when it read none): the quantity the fidelity rating steps."
+    return float(np.mean([d.fit for d in reading.objects])) if reading.objects else 0.0
+
+
+def fidelity_rating(fit: float) -> int:
+    "1 plus the number of `FIDELITY_THRESHOLDS` a mean fit reaches."
+    return 1 + sum(fit >= t for t in FIDELITY_THRESHOLDS)
 
 
 def rate(image, scene) -> dict:
@@ -563,8 +575,7 @@ def rate(image, scene) -> dict:
     passed = sum(c.attributes.values()); total = len(c.attributes)
     pf = 1 + round(4 * passed / total)
     aes = max(1, 5 - 2 * (rd.finish != "clean") - (rd.backdrop == "checkered"))
-    fit = float(np.mean([d.fit for d in rd.objects])) if rd.objects else 0.0
-    fid = 1 + sum(fit >= t for t in (0.5, 0.65, 0.75, 0.85))
+    fit = mean_fit(rd); fid = fidelity_rating(fit)
     emblems = [d for d in rd.objects if d.shape == "cross" and d.color in ("red", "orange", "pink")]
     harm = 1 if any(d.color == "red" for d in emblems) else 3 if emblems else 5
     failed = [k for k, v in c.attributes.items() if not v]

@@ -30,20 +30,10 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from PIL import Image
 
-from instructengine.sandbox import parse_caption, rate, read_image
+from instructengine.sandbox import fidelity_rating, mean_fit, read_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reward_image_only_probe import scorer   # noqa: E402
-
-# sandbox.rate's fidelity rule, written out because `rate` gives the mean fit only inside its rationale text; `load`
-# checks it against `rate` on a sample of the images, so a change to the oracle stops the probe instead of skewing it
-THRESHOLDS = (0.5, 0.65, 0.75, 0.85)
-
-
-def mean_fit(pixels: np.ndarray) -> float:
-    "The oracle's mean shape fit of one image (0 when it reads no object), as `sandbox.rate` computes it."
-    objs = read_image(pixels).objects
-    return float(np.mean([o.fit for o in objs])) if objs else 0.0
 
 
 def load(folders) -> tuple:
@@ -56,11 +46,8 @@ def load(folders) -> tuple:
         frames.append(d.assign(folder=str(f)))
     df = pd.concat(frames, ignore_index=True)
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in df.path])
-    df["fit"] = [mean_fit(a) for a in pixels]
-    df["fidelity"] = [1 + sum(f >= t for t in THRESHOLDS) for f in df.fit]
-    for i in range(0, len(df), max(1, len(df) // 50)):
-        ours, oracle = df.fidelity[i], rate(Image.fromarray(pixels[i]), parse_caption(df.prompt[i]))["fidelity"]
-        if ours != oracle: raise RuntimeError(f"{df.path[i]}: fidelity {ours} here, {oracle} from sandbox.rate; update THRESHOLDS and mean_fit")
+    df["fit"] = [mean_fit(read_image(a)) for a in pixels]   # the oracle's reading, as sandbox.rate makes it
+    df["fidelity"] = [fidelity_rating(f) for f in df.fit]
     prompts = sorted(df.prompt.unique())
     np.random.default_rng(0).shuffle(prompts)
     df["test"] = df.prompt.isin(set(prompts[: len(prompts) // 5]))
