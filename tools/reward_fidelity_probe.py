@@ -38,21 +38,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reward_image_only_probe import scorer   # noqa: E402
 
 
-def load(folders) -> tuple:
-    """One row an image of every folder (folder, prompt, path, fit, fidelity rating, whether its prompt is held out), and
-    the images' pixels as a uint8 array (N, H, W, 3), each file read once."""
+def read_folders(folders) -> pd.DataFrame:
+    """The `images.csv` rows of every folder, with the folder's name, and whether the image's prompt is held out: 20% of
+    the prompts, drawn with seed 0 (`reward_scale_probe.py` uses the same split)."""
     frames = []
     for f in folders:
         d = pd.read_csv(Path(f) / "images.csv")
         if d.empty or not {"prompt", "path"} <= set(d.columns): raise ValueError(f"{f}/images.csv: expected rows with prompt and path")
         frames.append(d.assign(folder=str(f)))
     df = pd.concat(frames, ignore_index=True)
+    prompts = sorted(df.prompt.unique())
+    np.random.default_rng(0).shuffle(prompts)
+    return df.assign(test=df.prompt.isin(set(prompts[: len(prompts) // 5])))
+
+
+def training_prompts(df: pd.DataFrame) -> list:
+    "The training prompts in the order whose prefixes make the nested shares (seed 1)."
+    prompts = sorted(df[~df.test].prompt.unique())
+    np.random.default_rng(1).shuffle(prompts)
+    return prompts
+
+
+def load(folders) -> tuple:
+    """One row an image of every folder (folder, prompt, path, whether its prompt is held out, fit, fidelity rating), and
+    the images' pixels as a uint8 array (N, H, W, 3), each file read once."""
+    df = read_folders(folders)
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in df.path])
     df["fit"] = [mean_fit(read_image(a)) for a in pixels]   # the oracle's reading, as sandbox.rate makes it
     df["fidelity"] = [fidelity_rating(f) for f in df.fit]
-    prompts = sorted(df.prompt.unique())
-    np.random.default_rng(0).shuffle(prompts)
-    df["test"] = df.prompt.isin(set(prompts[: len(prompts) // 5]))
     return df, pixels
 
 
@@ -111,8 +124,7 @@ def main(folders, steps: int, seeds=(0,), shares=(0.25, 0.5, 1.0), width: int = 
     test = pairs[pairs.test]
     if test.empty or len(test) == len(pairs): sys.exit(f"{', '.join(map(str, folders))}: expected decided fidelity pairs on both sides "
                                                         f"of the split, found {len(pairs) - len(test)} to train on and {len(test)} to test")
-    train_prompts = sorted(df[~df.test].prompt.unique())
-    np.random.default_rng(1).shuffle(train_prompts)
+    train_prompts = training_prompts(df)
     for share, seed in itertools.product(shares, seeds):
         keep = set(train_prompts[: round(share * len(train_prompts))])
         train = pairs[~pairs.test & pd.Series(df.prompt.to_numpy()[pairs.w]).isin(keep).to_numpy()]

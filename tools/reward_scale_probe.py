@@ -21,7 +21,7 @@ On 2 CPU cores: 2 min to rate the 16,000 images, then 15 min a share. Measured (
 import argparse, itertools, json, sys, time
 from pathlib import Path
 
-import numpy as np, pandas as pd
+import pandas as pd
 from PIL import Image
 
 from instructengine import reward_train as rt
@@ -29,21 +29,16 @@ from instructengine.annotate import pairs_frame
 from instructengine.reward import SANDBOX_CONDITIONS, MPSConfig
 from instructengine.sandbox import ASPECTS, parse_caption, rate
 
+sys.path.insert(0, str(Path(__file__).parent))
+from reward_fidelity_probe import read_folders, training_prompts   # noqa: E402  (the same split and nesting)
+
 
 def rated_images(folders) -> pd.DataFrame:
-    "One row an image of every folder: folder, prompt, path, the oracle's four ratings under its prompt, held out or not."
-    frames = []
-    for f in folders:
-        d = pd.read_csv(Path(f) / "images.csv")
-        if d.empty or not {"prompt", "path"} <= set(d.columns): raise ValueError(f"{f}/images.csv: expected rows with prompt and path")
-        frames.append(d.assign(folder=str(f)))
-    df = pd.concat(frames, ignore_index=True)
+    "One row an image of every folder: folder, prompt, path, held out or not, and the oracle's four ratings under its prompt."
+    df = read_folders(folders)
     scenes = {p: parse_caption(p) for p in df.prompt.unique()}
     ratings = [rate(Image.open(path), scenes[p]) for p, path in zip(df.prompt, df.path, strict=True)]
     for a in ASPECTS: df[a] = [r[a] for r in ratings]
-    prompts = sorted(df.prompt.unique())          # the split of reward_fidelity_probe.load
-    np.random.default_rng(0).shuffle(prompts)
-    df["test"] = df.prompt.isin(set(prompts[: len(prompts) // 5]))
     return df
 
 
@@ -74,8 +69,7 @@ def main(folders, shares, steps: int, seed: int, out: Path):
     print(json.dumps({"part": "data", "images": len(df), "rated_s": round(time.time() - t0),
                       "decided pairs": pairs.groupby(["dimension", "test"]).size().unstack().rename(columns={False: "train", True: "test"}).to_dict("index")}),
           flush=True)
-    train_prompts = sorted(df[~df.test].prompt.unique())   # the nesting of reward_fidelity_probe.main
-    np.random.default_rng(1).shuffle(train_prompts)
+    train_prompts = training_prompts(df)
     for share in shares:
         keep = set(train_prompts[: round(share * len(train_prompts))])
         train = pairs[~pairs.test & pairs.prompt.isin(keep)].drop(columns="test").reset_index(drop=True)
