@@ -15,8 +15,8 @@ trained on nested shares of the training prompts and scored on every held-out pa
     python tools/reward_scale_probe.py runs/probe runs/probe-fid runs/probe-fid2 --shares 0.25 1 --steps 3000
 
 It prints one JSON line a share; each model goes to runs/reward-scale/<share>-<steps>-<seed> (a rerun resumes it).
-On 2 CPU cores: 2 min to rate the 16,000 images, then 15 min a share. Measured (seed 0), all four aspects: 0.712 with
-3,056 training images, 0.792 with 12,820 (fidelity 0.690 and 0.751).
+On 2 CPU cores: 2 min to rate the 16,000 images, then 15 min a share. Measured, all four aspects, seed 0 / seed 1
+(`--seed 1`): 0.712 / 0.716 with 3,056 training images, 0.792 / 0.786 with 12,820 (fidelity 0.690 / 0.704, then 0.751 / 0.750).
 """
 import argparse, itertools, json, sys, time
 from pathlib import Path
