@@ -9,6 +9,7 @@ __all__ = ['app', 'STAGES', 'STAGE_OUTPUTS', 'RUNNER_FILES', 'STAGE_CONFIGS', 'r
            'md_table', 'batch_runs', 'stage_times', 'sweep_table', 'stage_figures', 'write_report', 'stage_help']
 
 # %% ../nbs/09_batch.ipynb #a5152d83
+import contextlib
 import difflib
 import hashlib
 import itertools
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -172,6 +174,30 @@ def run_stage(stage: str, run_dir, params: dict = None, upstream: str = "", forc
     finally: lock.release()
 
 
+@contextlib.contextmanager
+def _kernel_sockets():
+    """papermill's keyword arguments for a kernel that talks to this process over Unix sockets in a private folder (0700,
+    removed afterwards) instead of TCP on localhost, which any user of the machine can reach (ipykernel warns about it on
+    every start). On Windows, where zmq lacks IPC, or where the socket path would be too long: none, so TCP as before."""
+    import zmq
+    with tempfile.TemporaryDirectory(prefix="ie-kernel-") as d:
+        base = os.path.join(d, "k")
+        # a Unix socket's path holds 104 bytes on macOS, 108 on Linux; the sockets are base-1 ... base-5
+        if os.name != "posix" or not zmq.has("ipc") or len(base.encode()) > 96:
+            yield {}; return
+        from jupyter_client import AsyncKernelManager
+        from traitlets import default
+
+        class IPCKernelManager(AsyncKernelManager):
+            @default("transport")
+            def _default_transport(self): return "ipc"
+
+            @default("ip")
+            def _default_ip(self): return base
+
+        yield {"kernel_manager_class": IPCKernelManager}
+
+
 def _run_stage(stage, run_dir, params, upstream, force, log) -> dict:
     import papermill
     from nbclient.exceptions import DeadKernelError
@@ -190,8 +216,9 @@ def _run_stage(stage, run_dir, params, upstream, force, log) -> dict:
     os.environ["INSTRUCTENGINE_PROGRESS"] = "0"   # the kernel inherits it: no progress bars in the executed notebooks
     t0 = time.time()
     try:
-        papermill.execute_notebook(str(nb), str(out), parameters={**params, "run_dir": rel}, cwd=str(nb.parent),
-                                   progress_bar=False, log_output=False)
+        with _kernel_sockets() as kernel:
+            papermill.execute_notebook(str(nb), str(out), parameters={**params, "run_dir": rel}, cwd=str(nb.parent),
+                                       progress_bar=False, log_output=False, **kernel)
     except (papermill.PapermillExecutionError, DeadKernelError) as e:   # a cell raised, or the kernel died (out of memory, a signal)
         ename, evalue, cell = (e.ename, e.evalue, e.exec_count) if isinstance(e, papermill.PapermillExecutionError) else ("DeadKernelError", str(e), None)
         rec = {"stage": stage, "status": "failed", "seconds": round(time.time() - t0, 1), "signature": sig,

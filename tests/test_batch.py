@@ -197,20 +197,27 @@ def test_report_groups_by_grid_values_that_are_mappings_or_null(tmp_path):
     assert invoke("report", str(tmp_path / "missing")).returncode != 0
 
 
+def _with_stage_notebook(tmp_path, monkeypatch, stage, code):
+    "A copy of nbs/ (links) whose notebook for `stage` is a parameters cell and then `code`, used by run_stage from now on."
+    import nbformat
+    from instructengine.batch import notebooks_dir
+    nbs = tmp_path / "nbs"; nbs.mkdir()
+    for f in notebooks_dir().glob("*.ipynb"):
+        if f.name != STAGES[stage]: (nbs / f.name).symlink_to(f)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('run_dir: str = "x"  # the run folder', metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell(code)],
+                                  metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, nbs / STAGES[stage])
+    monkeypatch.setenv("INSTRUCTENGINE_NOTEBOOKS", str(nbs))
+    return nbs
+
+
 def test_a_dead_kernel_fails_its_stage_and_the_batch_reports_it(tmp_path, monkeypatch):
     """A stage whose kernel dies (killed for memory, a signal) is recorded as failed, as one whose cell raises is, and the
     batch goes on to its report instead of stopping with a traceback. The stage notebooks come from a copy of nbs/ whose
     attention notebook kills its own kernel."""
-    import nbformat
-    from instructengine.batch import notebooks_dir, run_batch
-    nbs = tmp_path / "nbs"; nbs.mkdir()
-    for f in notebooks_dir().glob("*.ipynb"):
-        if f.name != STAGES["attention"]: (nbs / f.name).symlink_to(f)
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('run_dir: str = "x"  # the run folder', metadata={"tags": ["parameters"]}),
-                                         nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")],
-                                  metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(nb, nbs / STAGES["attention"])
-    monkeypatch.setenv("INSTRUCTENGINE_NOTEBOOKS", str(nbs))
+    from instructengine.batch import run_batch
+    _with_stage_notebook(tmp_path, monkeypatch, "attention", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
     said = []
     r = run_batch(BatchConfig(name="dead", runs=str(tmp_path / "runs"), stages={"attention": {}}), log=said.append)
     (rec,) = r["runs"]["."]
@@ -218,6 +225,24 @@ def test_a_dead_kernel_fails_its_stage_and_the_batch_reports_it(tmp_path, monkey
     stages = tmp_path / "runs" / "dead" / ".stages"
     assert (stages / "attention.failed.json").is_file() and not (stages / "attention.json").exists()
     assert any("attention: FAILED (the kernel died)" in m for m in said) and Path(r["report"]).is_file()
+
+
+@pytest.mark.skipif(os.name != "posix" or not __import__("zmq").has("ipc"), reason="no Unix sockets here (Windows): stages use TCP")
+def test_stage_kernels_talk_over_private_unix_sockets(tmp_path, monkeypatch, capfd):
+    """A stage's kernel listens on Unix sockets in a folder only this user can enter, not on TCP ports of localhost, so
+    ipykernel has no plain-text-over-TCP warning to print; the folder is gone once the stage ends."""
+    from instructengine.batch import run_stage
+    code = ("import json, os\nfrom ipykernel.kernelapp import IPKernelApp\nk = IPKernelApp.instance()\n"
+            "d = os.path.dirname(k.ip) if k.transport == 'ipc' else None\n"
+            "json.dump({'transport': k.transport, 'ip': k.ip, 'mode': d and oct(os.stat(d).st_mode & 0o777), 'sockets': d and sorted(os.listdir(d))},"
+            " open(os.path.join(run_dir, 'kernel.json'), 'w'))")
+    _with_stage_notebook(tmp_path, monkeypatch, "attention", code)
+    r = run_stage("attention", tmp_path / "run", log=None)
+    assert r["status"] == "done", r
+    k = json.loads((tmp_path / "run" / "kernel.json").read_text())
+    assert k["transport"] == "ipc" and k["mode"] == "0o700" and len(k["sockets"]) == 5, k
+    assert not Path(k["ip"]).parent.exists()   # removed with its sockets
+    assert "without encryption" not in capfd.readouterr().err
 
 
 def test_a_second_command_in_a_busy_run_folder_is_refused(tmp_path):
