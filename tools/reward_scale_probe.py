@@ -16,7 +16,8 @@ trained on nested shares of the training prompts and scored on every held-out pa
 
 It prints one JSON line a share; each model goes to runs/reward-scale/<share>-<steps>-<seed> (a rerun resumes it).
 On 2 CPU cores: 2 min to rate the 16,000 images, then 15 min a share. Measured, all four aspects, seed 0 / seed 1
-(`--seed 1`): 0.712 / 0.716 with 3,056 training images, 0.792 / 0.786 with 12,820 (fidelity 0.690 / 0.704, then 0.751 / 0.750).
+(`--seed 1`): 0.712 / 0.716 with 3,056 training images, 0.749 / 0.753 with 6,432 (`--shares 0.5`), 0.792 / 0.786 with 12,820
+(fidelity 0.690 / 0.704, 0.702 / 0.729, then 0.751 / 0.750).
 Twice the steps on all the images (`--shares 1 --steps 6000`, 31 min a seed): 0.789 / 0.793, no gain overall.
 """
 import argparse, itertools, json, sys, time
