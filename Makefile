@@ -41,25 +41,21 @@ gpu-smoke: install
 sandbox: install
 	$(BIN)/instructengine batch sandbox
 
-# the reward model's sandbox study: a second run with 6 images per side of every pair (oracle-annotated), then MPS and its
-# ablations (no condition mask, no cross-attention, one model per dimension) trained with one recipe, about 25 min on 2 CPU cores.
+# the reward model's sandbox study (configs/reward-study.yaml): a second run with 6 images per side of every pair (oracle-
+# annotated), then MPS and its ablations (no condition mask, no cross-attention, one model per dimension) trained with one
+# recipe, about 25 min on 2 CPU cores; a rerun skips the stages that finished with the same parameters.
 # The data's size and the training are variables: make reward-study STUDY=runs/reward-big PAIRS=20 IMAGES=4 STEPS=3000 ABLATIONS=False
 STUDY ?= runs/reward-study
 PAIRS ?= 5
 IMAGES ?= 6
 STEPS ?= 1000
 ABLATIONS ?= True
+study := $(patsubst %/,%,$(STUDY))
 reward-study: install
-	mkdir -p $(STUDY)/notebooks
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/02_taxonomy.ipynb $(STUDY)/notebooks/02_taxonomy.ipynb --cwd nbs -p run_dir ../$(STUDY) \
-		-p pairs_per_subtopic $(PAIRS)
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/03_generate.ipynb $(STUDY)/notebooks/03_generate.ipynb --cwd nbs -p run_dir ../$(STUDY) \
-		-p limit 0 -p images_per_instruction $(IMAGES)
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/04_annotate.ipynb $(STUDY)/notebooks/04_annotate.ipynb --cwd nbs -p run_dir ../$(STUDY) \
-		-p limit 0 -y '{judges: [{kind: oracle}], rules: [{rule: follows_own, judge: oracle}]}'
-	INSTRUCTENGINE_PROGRESS=0 $(BIN)/papermill nbs/05a_reward_train.ipynb $(STUDY)/notebooks/05a_reward_train.ipynb --cwd nbs -p run_dir ../$(STUDY) \
-		-p max_steps $(STEPS) -p ablations $(ABLATIONS)
-	@$(BIN)/python -c "import json, pandas as pd; m = json.load(open('$(STUDY)/reward/metrics.json')); \
+	$(BIN)/instructengine batch reward-study --runs $(dir $(study)) --name $(notdir $(study)) \
+		--set taxonomy.pairs_per_subtopic=$(PAIRS) --set generate.images_per_instruction=$(IMAGES) \
+		--set reward.max_steps=$(STEPS) --set reward.ablations=$(ABLATIONS)
+	@$(BIN)/python -c "import json, pandas as pd; m = json.load(open('$(study)/reward/metrics.json')); \
 		print(pd.DataFrame(m['ablations']).round(3).to_string() if 'ablations' in m else pd.Series(m['accuracy']).round(3).to_string())"
 
 # cross-validation DPO's sandbox study (configs/sandbox-ablation.yaml): a data run with 10 instruction pairs a subtopic and

@@ -537,7 +537,7 @@ for _s in STAGES: _stage_command(_s)
 @app.command("batch")
 def _batch_command(
     config: Annotated[str, typer.Argument(help="a batch YAML file, or the name of a shipped one: sandbox-smoke, sandbox, "
-                                                "sandbox-ablation, sd15, sdxl, sd15-smoke (configs/)", show_default=False)],
+                                                "reward-study, sandbox-ablation, sd15, sdxl, sd15-smoke (configs/)", show_default=False)],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="STAGE.PARAM=VALUE: override a stage parameter, repeatable")] = None,
     name: Annotated[str, typer.Option(help="the batch folder's name", show_default="the config's name")] = "",
     runs: Annotated[Optional[Path], typer.Option(help="the folder that holds batch folders", show_default="the config's runs")] = None,
