@@ -43,7 +43,7 @@ sandbox: install
 
 # the reward model's sandbox study (configs/reward-study.yaml): a second run with 6 images per side of every pair (oracle-
 # annotated), then MPS and its ablations (no condition mask, no cross-attention, one model per dimension) trained with one
-# recipe, about 25 min on 2 CPU cores; a rerun skips the stages that finished with the same parameters.
+# recipe, about 30 min on 2 CPU cores; a rerun skips the stages that finished with the same parameters.
 # The data's size and the training are variables: make reward-study STUDY=runs/reward-big PAIRS=20 IMAGES=4 STEPS=3000 ABLATIONS=False
 STUDY ?= runs/reward-study
 PAIRS ?= 5
