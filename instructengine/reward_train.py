@@ -411,11 +411,13 @@ def evaluate_reward(model: "MPSModel", test: pd.DataFrame, root, batch_size: int
 
 
 def reward_ablations(cfg: RewardTrainConfig, train: pd.DataFrame, test: pd.DataFrame, variants: dict = None, base: pd.Series = None,
-                     log=print) -> pd.DataFrame:
+                     per_dimension_steps: int = 0, log=print) -> pd.DataFrame:
     """MPS's ablations, each trained with `cfg`'s recipe into `<out>/ablations/<name>` and scored on the same held-out
     pairs: accuracy per dimension (rows) and variant (columns). `base`: the accuracy of a model already trained with
-    `cfg` itself, used for the variant that changes nothing instead of training it again."""
-    out, cols = _out_dir(cfg), {}
+    `cfg` itself, used for the variant that changes nothing instead of training it again. `per_dimension_steps`: the
+    steps of each model per dimension (0: `cfg.max_steps` shared out by the dimensions' numbers of training pairs).
+    `log=None` keeps it quiet."""
+    out, cols, log = Path(cfg.out), {}, log or (lambda *a: None)   # as cfg.out is: relative to the run folder, or absolute
     for name, change in (variants or ABLATIONS).items():
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         if change == {} and base is not None: cols[name] = base.drop("all", errors="ignore")
@@ -427,7 +429,7 @@ def reward_ablations(cfg: RewardTrainConfig, train: pd.DataFrame, test: pd.DataF
             for d in dims:   # the same passes over each dimension's pairs: a step budget is shared out by their number
                 if not share.get(d, 0):
                     log(f"reward_ablations: no training pairs of {d!r}, so no model of its own (the column has no {d} row)"); continue
-                steps = max(1, round(cfg.max_steps * share.get(d, 0))) if cfg.max_steps else 0
+                steps = per_dimension_steps or (max(1, round(cfg.max_steps * share.get(d, 0))) if cfg.max_steps else 0)
                 sub = cfg.with_overrides(dimensions=[d], max_steps=steps, out=str(out / "ablations" / slug / d))
                 m, _ = train_reward(sub, train, root=cfg.run_dir, log=log)
                 t = prepare_pairs(test, m, [d], cfg.dimension_map, decided=True)

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,23 @@ def test_one_model_per_dimension_skips_dimensions_without_pairs(lesson_run, tmp_
     assert list(table.index) == ["aesthetic"] and 0 <= table.loc["aesthetic", "one model per dimension"] <= 1
     assert sorted(p.name for p in (tmp_path / "abl" / "ablations" / "one-model-per-dimension").iterdir()) == ["aesthetic"]
     assert sum("no training pairs of" in m for m in seen) == len(SANDBOX_CONDITIONS) - 1
+    log = lambda run: __import__("pandas").read_csv(tmp_path / run / "ablations" / "one-model-per-dimension" / "aesthetic" / "train_log.csv")
+    assert len(log("abl")) == 2   # the only dimension with pairs takes the whole shared budget
+    reward_ablations(_cfg(lesson_run, tmp_path / "abl3").with_overrides(max_steps=2, grad_accum=1), pairs.iloc[:12], pairs.iloc[12:],
+                     variants={"one model per dimension": "per_dimension"}, per_dimension_steps=3, log=None)
+    assert len(log("abl3")) == 3   # a step count of its own for each model
+
+
+def test_ablation_models_go_inside_a_relative_run_folder(lesson_run, tmp_path, monkeypatch):
+    "A relative run folder and out (as the stage notebook has them): the models land in <run>/<out>/ablations, not a copy of the path."
+    from instructengine.reward_train import reward_ablations
+    shutil.copytree(lesson_run, tmp_path / "runs" / "r")
+    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg("runs/r", "abl").with_overrides(max_steps=1, grad_accum=1)
+    reward_ablations(cfg, pairs.iloc[:12], pairs.iloc[12:], variants={"one model per dimension": "per_dimension"}, log=None)
+    assert (tmp_path / "runs" / "r" / "abl" / "ablations" / "one-model-per-dimension" / "aesthetic" / "train_log.csv").is_file()
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("ablations")] == ["runs/r/abl/ablations"]
 
 
 def test_non_finite_gradients_stop_reward_training(lesson_run, tmp_path):
