@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 from _processes import run_processes
 import torch
@@ -107,7 +108,7 @@ def _cfg(run, out, **kw):
 
 
 def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
-    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    pairs = pd.read_parquet(lesson_run / "pairs.parquet")
     _, straight = train_reward(_cfg(lesson_run, tmp_path / "straight"), pairs, log=lambda *a: None)
     cfg = _cfg(lesson_run, tmp_path / "killed")
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
@@ -165,14 +166,14 @@ def test_two_processes_train_like_one(lesson_run, tmp_path):
 def test_one_model_per_dimension_skips_dimensions_without_pairs(lesson_run, tmp_path):
     "The sandbox conditions have four dimensions and the lesson run's pairs only aesthetic ones: one model, one row."
     from instructengine.reward_train import reward_ablations
-    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    pairs = pd.read_parquet(lesson_run / "pairs.parquet")
     seen = []
     table = reward_ablations(_cfg(lesson_run, tmp_path / "abl").with_overrides(max_steps=2, grad_accum=1), pairs.iloc[:12], pairs.iloc[12:],
                              variants={"one model per dimension": "per_dimension"}, log=seen.append)
     assert list(table.index) == ["aesthetic"] and 0 <= table.loc["aesthetic", "one model per dimension"] <= 1
     assert sorted(p.name for p in (tmp_path / "abl" / "ablations" / "one-model-per-dimension").iterdir()) == ["aesthetic"]
     assert sum("no training pairs of" in m for m in seen) == len(SANDBOX_CONDITIONS) - 1
-    log = lambda run: __import__("pandas").read_csv(tmp_path / run / "ablations" / "one-model-per-dimension" / "aesthetic" / "train_log.csv")
+    log = lambda run: pd.read_csv(tmp_path / run / "ablations" / "one-model-per-dimension" / "aesthetic" / "train_log.csv")
     assert len(log("abl")) == 2   # the only dimension with pairs takes the whole shared budget
     reward_ablations(_cfg(lesson_run, tmp_path / "abl3").with_overrides(max_steps=2, grad_accum=1), pairs.iloc[:12], pairs.iloc[12:],
                      variants={"one model per dimension": "per_dimension"}, per_dimension_steps=3, log=None)
@@ -183,7 +184,7 @@ def test_ablation_models_go_inside_a_relative_run_folder(lesson_run, tmp_path, m
     "A relative run folder and out (as the stage notebook has them): the models land in <run>/<out>/ablations, not a copy of the path."
     from instructengine.reward_train import reward_ablations
     shutil.copytree(lesson_run, tmp_path / "runs" / "r")
-    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    pairs = pd.read_parquet(lesson_run / "pairs.parquet")
     monkeypatch.chdir(tmp_path)
     cfg = _cfg("runs/r", "abl").with_overrides(max_steps=1, grad_accum=1)
     reward_ablations(cfg, pairs.iloc[:12], pairs.iloc[12:], variants={"one model per dimension": "per_dimension"}, log=None)
@@ -192,7 +193,7 @@ def test_ablation_models_go_inside_a_relative_run_folder(lesson_run, tmp_path, m
 
 
 def test_non_finite_gradients_stop_reward_training(lesson_run, tmp_path):
-    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    pairs = pd.read_parquet(lesson_run / "pairs.parquet")
     model = MPSModel(MPSConfig(layers=1, **SANDBOX))
     def poison(step, rec):   # after step 1, one fusion weight's gradient turns NaN; the loss stays finite
         if step == 1: next(model.fusion.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
@@ -321,11 +322,11 @@ def test_nothing_held_out_trains_on_every_pair(lesson_run, tmp_path):
     with pytest.raises(ValueError, match="holds out no pairs"):
         run_reward(cfg, ablations=True)
     with pytest.raises(ValueError, match="no test pairs"):
-        evaluate_reward(load_reward(tmp_path / "all"), __import__("pandas").read_parquet(run / "pairs.parquet").iloc[:0], run)
+        evaluate_reward(load_reward(tmp_path / "all"), pd.read_parquet(run / "pairs.parquet").iloc[:0], run)
 
 
 def test_save_load_score_and_judge(lesson_run, tmp_path):
-    pairs = __import__("pandas").read_parquet(lesson_run / "pairs.parquet")
+    pairs = pd.read_parquet(lesson_run / "pairs.parquet")
     model, _ = train_reward(_cfg(lesson_run, tmp_path / "m", freeze="all-but-last-1"), pairs, log=None)   # None: quiet
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["checkpoints", "config.json", "model.safetensors", "train_log.csv"]
     again = load_reward(tmp_path / "m")
