@@ -105,6 +105,15 @@ TINY = {   # each GPU step at a size a CPU runs in seconds to minutes (the dpo s
               for x in ("--set", s)]}
 
 
+def _interpreter(python: str) -> str:
+    """`python` if it runs; otherwise, for a bare name like python3.12, a pyenv install of that version (pyenv's shim
+    fails for a version that is installed but not selected); otherwise a clear error."""
+    if shutil.which(python) and subprocess.run([python, "-c", "pass"], capture_output=True).returncode == 0: return python
+    found = sorted(Path.home().glob(f".pyenv/versions/{python.removeprefix('python')}*/bin/{python}"))
+    if found: return str(found[-1])
+    sys.exit(f"rehearse: interpreter {python!r} not found or not runnable; give one as `rehearse /path/to/python3.12`")
+
+
 def rehearse(python: str = "python3.12"):
     """Every GPU step on this CPU, as the GPU machine would run it: a venv of `python` (3.12, as the image) with the image's
     packages at its versions where the device notes give them, a copy of what a device command carries (the tracked and
@@ -112,7 +121,7 @@ def rehearse(python: str = "python3.12"):
     tmp = Path(tempfile.gettempdir())
     venv, tree, out = tmp / "gpu-image-venv", tmp / "gpu-device-tree", tmp / "gpu-rehearsal"
     if not (venv / "bin" / "python").exists():
-        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([_interpreter(python), "-m", "venv", str(venv)], check=True)
     names, pins = image_packages(), image_versions()
     image = [f"{n}=={pins[n]}" if n in pins else n for n in sorted(runtime_closure())
              if n in names and not re.match(r"(nvidia-|cuda-|triton$)", n)]   # torch brings its own CUDA stack
