@@ -109,7 +109,8 @@ def _interpreter(python: str) -> str:
     """`python` if it runs; otherwise, for a bare name like python3.12, a pyenv install of that version (pyenv's shim
     fails for a version that is installed but not selected); otherwise a clear error."""
     if shutil.which(python) and subprocess.run([python, "-c", "pass"], capture_output=True).returncode == 0: return python
-    found = sorted(Path.home().glob(f".pyenv/versions/{python.removeprefix('python')}*/bin/{python}"))
+    found = sorted(Path.home().glob(f".pyenv/versions/{python.removeprefix('python')}*/bin/{python}"),   # newest patch last:
+                   key=lambda p: [int(x) if x.isdigit() else -1 for x in p.parts[-3].split(".")])           # 3.12.10 after 3.12.9
     if found: return str(found[-1])
     sys.exit(f"rehearse: interpreter {python!r} not found or not runnable; give one as `rehearse /path/to/python3.12`")
 
