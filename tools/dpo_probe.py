@@ -7,15 +7,15 @@
     python tools/dpo_probe.py train runs/probe beta=1000 max_steps=150
     python tools/dpo_probe.py train runs/probe beta=1000 --swap            # the labels reversed: a sign check
     python tools/dpo_probe.py train runs/probe beta=1000 --timesteps 500:1000   # only the high-noise half of the schedule
-    python tools/dpo_probe.py train runs/sandbox-ablation beta=1000       # a data-engine run: its quads, cross-validation
-    python tools/dpo_probe.py train runs/probe beta=1000 full_finetune=true lr=1e-5   # the whole UNet against a frozen copy
+    python tools/dpo_probe.py train runs/sandbox-ablation beta=1000 max_steps=150   # a data-engine run: its quads, cross-validation
+    python tools/dpo_probe.py train runs/probe beta=1000 full_finetune=true lr=1e-5   # the whole UNet against a frozen copy (200 steps)
     # a second round on the policy's own images: fuse round 1 (a LoRA, or a whole UNet) into a pipeline folder, draw new
     # data from it, train against it as the reference
     python tools/dpo_probe.py fuse runs/probe/probe/full_finetuneTrue-beta1000-lr1e-05 runs/probe-r1/model
     python tools/dpo_probe.py data runs/probe-r2 --model runs/probe-r1/model --seed 124   # its exact match: round 1 on fresh prompts
     python tools/dpo_probe.py data runs/probe-base124 --seed 124                         # the base on the same prompts and seeds
     python tools/dpo_probe.py train runs/probe-r2 beta=1000 full_finetune=true lr=1e-5 model=$PWD/runs/probe-r1/model
-    # more data: 2.7 times the pairs (300 prompts a category), the same epochs; then its exact match on the fresh prompts
+    # more data: 2.7 times the pairs (300 prompts a category), 400 steps (4.4 epochs); then its exact match on the fresh prompts
     python tools/dpo_probe.py data runs/probe-3x --per-category 300 --seed 125
     python tools/dpo_probe.py train runs/probe-3x beta=1000 full_finetune=true lr=1e-5 max_steps=400
     python tools/dpo_probe.py fuse runs/probe-3x/probe/beta1000-full_finetuneTrue-lr1e-05-max_steps400 runs/probe-3x/model
@@ -60,8 +60,8 @@
     python tools/dpo_probe.py train runs/probe-biased beta=1000 model=$PWD/runs/biased-base/model
 
 Each `train`, `train-te`, `continue` and `in-sample` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes
-about 10 min at the sizes above (300 prompts a category: 28 min), `train` about 3-5 min (150 steps and the scoring), and `in-sample`
-about 7 min (150 prompts a group, 2 images each, base and trained).
+about 10 min at the sizes above (300 prompts a category: 28 min), `train` about 3-5 min (the trainer's default of 200 steps,
+or the `max_steps` given, and the scoring), and `in-sample` about 7 min (150 prompts a group, 2 images each, base and trained).
 """
 import argparse, json, os, random, sys, time
 from pathlib import Path
