@@ -4,7 +4,7 @@
     # from the base generator, oracle-checked; a pair is (an image that passes, one that fails) of the same prompt
     python tools/dpo_probe.py data runs/probe --per-category 100 --images 4
     # train with any DPOConfig field set, then score ShapesBench (200 prompts x 2 images) before and after
-    python tools/dpo_probe.py train runs/probe beta=1000 max_steps=150
+    python tools/dpo_probe.py train runs/probe beta=1000   # into runs/probe/probe/beta1000, the LoRA that in-sample and cond-only read
     python tools/dpo_probe.py train runs/probe beta=1000 --swap            # the labels reversed: a sign check
     python tools/dpo_probe.py train runs/probe beta=1000 --timesteps 500:1000   # only the high-noise half of the schedule
     python tools/dpo_probe.py train runs/sandbox-ablation beta=1000 max_steps=150   # a data-engine run: its quads, cross-validation
