@@ -60,8 +60,9 @@
     python tools/dpo_probe.py train runs/probe-biased beta=1000 model=$PWD/runs/biased-base/model
 
 Each `train`, `train-te`, `continue` and `in-sample` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes
-about 10 min at the sizes above (300 prompts a category: 28 min), `train` about 3-5 min (the trainer's default of 200 steps,
-or the `max_steps` given, and the scoring), and `in-sample` about 7 min (150 prompts a group, 2 images each, base and trained).
+about 10 min at the sizes above (300 prompts a category: 28 min), `train` about 3-6 min (the trainer's default of 200 steps,
+or the `max_steps` given, and the scoring; 6 min on the 3,489 quads of `runs/topup8`), and `in-sample` about 7 min (150
+prompts a group, 2 images each, base and trained).
 """
 import argparse, json, os, random, sys, time
 from pathlib import Path
