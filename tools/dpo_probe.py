@@ -11,7 +11,7 @@
     python tools/dpo_probe.py train runs/probe beta=1000 full_finetune=true lr=1e-5   # the whole UNet against a frozen copy (200 steps)
     # a second round on the policy's own images: fuse round 1 (a LoRA, or a whole UNet) into a pipeline folder, draw new
     # data from it, train against it as the reference
-    python tools/dpo_probe.py fuse runs/probe/probe/full_finetuneTrue-beta1000-lr1e-05 runs/probe-r1/model
+    python tools/dpo_probe.py fuse runs/probe/probe/beta1000-full_finetuneTrue-lr1e-05 runs/probe-r1/model
     python tools/dpo_probe.py data runs/probe-r2 --model runs/probe-r1/model --seed 124   # its exact match: round 1 on fresh prompts
     python tools/dpo_probe.py data runs/probe-base124 --seed 124                         # the base on the same prompts and seeds
     python tools/dpo_probe.py train runs/probe-r2 beta=1000 full_finetune=true lr=1e-5 model=$PWD/runs/probe-r1/model
@@ -59,6 +59,7 @@
     python tools/dpo_probe.py data runs/probe-biased --model runs/biased-base/model
     python tools/dpo_probe.py train runs/probe-biased beta=1000 model=$PWD/runs/biased-base/model
 
+`train` saves to <folder>/probe/<its settings joined in the order given>, e.g. beta1000-full_finetuneTrue-lr1e-05.
 Each `train`, `train-te`, `continue` and `in-sample` appends one line to <folder>/probe-results.jsonl. On 2 CPU cores `data` takes
 about 10 min at the sizes above (300 prompts a category: 28 min), `train` about 3-6 min (the trainer's default of 200 steps,
 or the `max_steps` given, and the scoring; 6 min on the 3,489 quads of `runs/topup8`), and `in-sample` about 7 min (150
