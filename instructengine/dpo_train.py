@@ -7,7 +7,7 @@ __all__ = ['DPOConfig', 'load_dpo_data', 'balance_weights', 'train_dpo', 'bench_
            'base_table', 'run_dpo', 'dpo_study']
 
 # %% ../nbs/07a_dpo_train.ipynb #90555280
-import hashlib, json, math, shutil, time
+import copy, hashlib, json, math, shutil, time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -165,48 +165,11 @@ def _write_state(unet, opt, sched, device, folder: Path):
     save_file(_trainable_state(unet), folder / "trainable.safetensors")
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()} | _rng_state(device), folder / "state.pt")
 
-# %% ../nbs/07a_dpo_train.ipynb #c7b076b4
-def _cast(model, dtype):
-    """Cast a diffusers model's weights to `dtype`. diffusers' own `to` warns about modules to keep in fp32 on every dtype
-    cast, even for models that have none (UNets), so those go through torch's `to`."""
-    return model.to(dtype=dtype) if getattr(model, "_keep_in_fp32_modules", None) else torch.nn.Module.to(model, dtype=dtype)
-
-
-@torch.enable_grad()   # a trainer does not depend on the caller's grad mode (a notebook may have turned it off)
-def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=None, log=print) -> tuple:
-    """LoRA Diffusion-DPO / cross-validation alignment / SFT on a run's quads (or pairs). accelerate (one GPU, DDP on many),
-    autocast with fp32 LoRA parameters, gradient accumulation, clipping, LR warmup, optional gradient checkpointing and
-    torch.compile. Latents and text embeddings are cached once (`<out>/cache`) and the VAE and text encoders then leave
-    the device. Checkpoints (`<out>/checkpoints/step-N`: trainable weights, optimizer, scheduler, RNG, step) every
-    `checkpoint_every` steps; a rerun with the same parameters resumes from the latest. The inputs of every step depend
-    only on the seed and the step, so a resumed run follows the uninterrupted one. A non-finite loss stops the run with
-    the last good checkpoint kept. Writes the LoRA in diffusers format to `<out>` and `train_log.csv`. Returns (pipe, history).
-    `log=None` keeps it quiet."""
-    log = log or (lambda *a: None)
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    out = Path(cfg.out) if Path(cfg.out).is_absolute() else Path(cfg.run_dir) / cfg.out
-    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    trackers = []
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-            trackers = ["tensorboard"]
-        except ImportError: log("tensorboard is not installed: logging to train_log.csv only")
-    from accelerate.utils import ProjectConfiguration
-    # batch_size is the whole batch over all processes, so the schedule takes one step a step; accelerate's default
-    # (step_scheduler_with_optimizer) steps it once per process, which would end warmup k times too soon on k processes
-    acc = make_accelerator(mp, log_with=trackers or None, step_scheduler_with_optimizer=False,
-                      project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    if cfg.batch_size % acc.num_processes:
-        raise ConfigError(f"DPOConfig.batch_size = {cfg.batch_size}: expected a multiple of the {acc.num_processes} processes, which take equal shares of every batch")
-    data = data if data is not None else load_dpo_data(cfg)
-    weights, sft = cfg.active_weights, cfg.method == "sft"
-    combos = needed_combos(weights, sft)
-    sample_w = balance_weights(data, cfg.balance)
-    if sample_w is None: check_one_batch("train_dpo", len(data), cfg.batch_size, acc.num_processes)   # weighted draws are always full batches
-    pipe = pipe or load_generator(GeneratorSpec(cfg.model, device=str(acc.device), dtype="float32"))
-    kind, res = model_kind(pipe), cfg.resolution or default_resolution(pipe)
+# %% ../nbs/07a_dpo_train.ipynb #a3a879ad
+def _cache_data(cfg: DPOConfig, data: pd.DataFrame, pipe, res: int, out: Path, acc, log) -> DPOCache:
+    """Step 2: the latents of every image and the embeddings of every instruction of `data` in `<out>/cache`. Under several
+    processes each encodes its share into a part file, every one then reads them all, and the main one saves the whole.
+    The VAE and the text encoders then go to the CPU: only the UNet stays on the device."""
     cache = DPOCache(out / "cache", model_key(cfg.model, pipe, res))
     t0, paths = time.time(), list(data["image_a"]) + list(data["image_b"])
     filled = cache.fill(pipe, paths, list(data["instr_a"]) + list(data["instr_b"]), res, cfg.flip, shard=(acc.process_index, acc.num_processes))
@@ -219,46 +182,142 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     if acc.is_main_process: log(f"cache: {filled} in {time.time() - t0:.1f}s" + (f" (this process's share of {acc.num_processes})" if acc.num_processes > 1 else ""))
     for name in ("vae", "text_encoder", "text_encoder_2"):   # only the UNet stays on the device
         if getattr(pipe, name, None) is not None: getattr(pipe, name).to("cpu")
-    scaling, shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet = pipe.unet
+    return cache
+
+# %% ../nbs/07a_dpo_train.ipynb #08be4000
+def _cast(model, dtype):
+    """Cast a diffusers model's weights to `dtype`. diffusers' own `to` warns about modules to keep in fp32 on every dtype
+    cast, even for models that have none (UNets), so those go through torch's `to`."""
+    return model.to(dtype=dtype) if getattr(model, "_keep_in_fp32_modules", None) else torch.nn.Module.to(model, dtype=dtype)
+
+
+def _prepare_unet(cfg: DPOConfig, unet, device, weight_dtype) -> tuple:
+    """Step 3: `unet` on `device` in training mode, with its LoRA (drawn from `cfg.seed`), or wholly trainable with
+    `full_finetune`. Returns (reference, trainable parameters): the reference is None with a LoRA (the UNet itself with
+    its adapters disabled) and a frozen copy in `weight_dtype` otherwise. The frozen weights are cast to `weight_dtype`;
+    the trainable ones stay fp32."""
     torch.manual_seed(cfg.seed)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
     if cfg.full_finetune:
-        import copy
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(acc.device).eval()
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device).eval()
         if weight_dtype != torch.float32: _cast(ref_unet, weight_dtype)
-        unet.requires_grad_(True).to(acc.device); params = list(unet.parameters())
+        unet.requires_grad_(True).to(device); params = list(unet.parameters())
     else:
         ref_unet = None
-        unet.to(acc.device)
+        unet.to(device)
         if weight_dtype != torch.float32: _cast(unet, weight_dtype)   # the frozen base in half precision; LoRA stays fp32
         params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     if cfg.gradient_checkpointing: unet.enable_gradient_checkpointing()
     unet.train()
+    return ref_unet, params
+
+# %% ../nbs/07a_dpo_train.ipynb #681eb377
+def _optimizer(cfg: DPOConfig, params: list) -> tuple:
+    "Step 4: AdamW, with weight decay on the matrices only, and the diffusers learning-rate schedule with warmup."
+    from diffusers.optimization import get_scheduler
     decay = [p for p in params if p.ndim >= 2]; other = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}) if g["params"]], lr=cfg.lr)
-    lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return opt, get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def _restore(cfg: DPOConfig, data: pd.DataFrame, out: Path, unet, opt, lr_sched, acc, log) -> tuple:
+    """Step 5, on starting: the run's signature (its parameters and a hash of its rows) and, when the newest checkpoint in
+    `<out>/checkpoints` has the same, its weights, optimizer, scheduler and random state put back. Returns (checkpoints,
+    signature, step, history); step 0 and no history when there is nothing to resume (stale checkpoints are removed)."""
     fingerprint = "\n".join(f"{a}|{b}|{Path(x).name}|{Path(y).name}" for a, b, x, y in data[["instr_a", "instr_b", "image_a", "image_b"]].itertuples(index=False))
-    step, history, sig = 0, [], _signature(cfg) | {"data": hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}
+    sig = _signature(cfg) | {"data": hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}
     ckpts = Checkpoints(out, cfg.keep_checkpoints)
-    last, state = ckpts.resume(sig, stacklevel=2)
+    last, state = ckpts.resume(sig, stacklevel=4)   # the warning names the line that called train_dpo (past torch's enable_grad wrapper)
     acc.wait_for_everyone()   # every process has read the checkpoints before stale ones are removed
-    if last is None and acc.is_main_process: ckpts.clear()
-    if last:
-        saved = load_file(last / "trainable.safetensors")
-        named = dict(unet.named_parameters())
-        with torch.no_grad():
-            for k, v in saved.items(): named[k].copy_(v)
-        st = torch.load(last / "state.pt", weights_only=True)
-        opt.load_state_dict(st["optimizer"]); lr_sched.load_state_dict(st["scheduler"]); _set_rng_state(st, acc.device)
-        step, history = state["step"], state["history"]
-        log(f"resuming from checkpoint {last.name} (step {step} of {cfg.max_steps})")
+    if last is None:
+        if acc.is_main_process: ckpts.clear()
+        return ckpts, sig, 0, []
+    saved, named = load_file(last / "trainable.safetensors"), dict(unet.named_parameters())
+    with torch.no_grad():
+        for k, v in saved.items(): named[k].copy_(v)
+    st = torch.load(last / "state.pt", weights_only=True)
+    opt.load_state_dict(st["optimizer"]); lr_sched.load_state_dict(st["scheduler"]); _set_rng_state(st, acc.device)
+    log(f"resuming from checkpoint {last.name} (step {state['step']} of {cfg.max_steps})")
+    return ckpts, sig, state["step"], state["history"]
+
+# %% ../nbs/07a_dpo_train.ipynb #006255d1
+def _micro_loss(cfg: DPOConfig, batch: dict, train_unet, unet, ref_unet, noise_sched, device, weights: dict) -> tuple:
+    """The loss of one micro-batch and its metrics. `train_unet` is the policy as accelerate prepared it (perhaps compiled,
+    perhaps DDP-wrapped); the LoRA reference is `unet` itself under `reference_mode`, the full fine-tune's `ref_unet`."""
+    e = combo_errors(train_unet, noise_sched, batch, device)
+    if cfg.method == "sft": return sft_loss(e)
+    if ref_unet is not None:
+        with torch.no_grad(): r = combo_errors(ref_unet, noise_sched, batch, device)
+    else:
+        with reference_mode(unet): r = combo_errors(unet, noise_sched, batch, device)
+    loss, stats = cv_loss(e, r, weights, cfg.beta)
+    if cfg.sft_weight:
+        stats["sft"] = sft_loss(e)[0]
+        loss = loss + cfg.sft_weight * stats["sft"]
+    return loss, stats
+
+# %% ../nbs/07a_dpo_train.ipynb #c42f1ebc
+def _save_outputs(cfg: DPOConfig, unet, out: Path, kind: str, history: list, log):
+    """Step 8: the LoRA as `pytorch_lora_weights.safetensors` in `out` (`load_lora_weights` reads it), or with `full_finetune`
+    the UNet in `out/unet`, and `train_log.csv`. An earlier run's output of the other kind is removed: a LoRA file would
+    shadow a new UNet."""
+    if cfg.full_finetune: unet.save_pretrained(out / "unet", safe_serialization=True)
+    else: save_lora(unet, out, kind)
+    stale = out / (LORA_FILE if cfg.full_finetune else "unet")   # an earlier run's other kind would shadow this one
+    if stale.exists():
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        log(f"removed {stale.name} of an earlier run: {out} now holds this run's {'UNet' if cfg.full_finetune else 'LoRA'} only")
+    pd.DataFrame(history).to_csv(out / "train_log.csv", index=False)
+
+# %% ../nbs/07a_dpo_train.ipynb #c7b076b4
+@torch.enable_grad()   # a trainer does not depend on the caller's grad mode (a notebook may have turned it off)
+def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=None, log=print) -> tuple:
+    """LoRA Diffusion-DPO / cross-validation alignment / SFT on a run's quads (or pairs). accelerate (one GPU, DDP on many),
+    autocast with fp32 LoRA parameters, gradient accumulation, clipping, LR warmup, optional gradient checkpointing and
+    torch.compile. Latents and text embeddings are cached once (`<out>/cache`) and the VAE and text encoders then leave
+    the device. Checkpoints (`<out>/checkpoints/step-N`: trainable weights, optimizer, scheduler, RNG, step) every
+    `checkpoint_every` steps; a rerun with the same parameters resumes from the latest. The inputs of every step depend
+    only on the seed and the step, so a resumed run follows the uninterrupted one. A non-finite loss stops the run with
+    the last good checkpoint kept. Writes the LoRA in diffusers format to `<out>` and `train_log.csv`. Returns (pipe, history).
+    `log=None` keeps it quiet."""
+    log = log or (lambda *a: None)
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
+    out = Path(cfg.out) if Path(cfg.out).is_absolute() else Path(cfg.run_dir) / cfg.out
+    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    trackers = []
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+            trackers = ["tensorboard"]
+        except ImportError: log("tensorboard is not installed: logging to train_log.csv only")
+    # batch_size is the whole batch over all processes, so the schedule takes one step a step; accelerate's default
+    # (step_scheduler_with_optimizer) steps it once per process, which would end warmup k times too soon on k processes
+    acc = make_accelerator(mp, log_with=trackers or None, step_scheduler_with_optimizer=False,
+                      project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    if cfg.batch_size % acc.num_processes:
+        raise ConfigError(f"DPOConfig.batch_size = {cfg.batch_size}: expected a multiple of the {acc.num_processes} processes, which take equal shares of every batch")
+    data = data if data is not None else load_dpo_data(cfg)
+    weights = cfg.active_weights
+    combos = needed_combos(weights, cfg.method == "sft")
+    sample_w = balance_weights(data, cfg.balance)
+    if sample_w is None: check_one_batch("train_dpo", len(data), cfg.batch_size, acc.num_processes)   # weighted draws are always full batches
+    pipe = pipe or load_generator(GeneratorSpec(cfg.model, device=str(acc.device), dtype="float32"))
+    kind, res = model_kind(pipe), cfg.resolution or default_resolution(pipe)
+    t0 = time.time()
+    cache = _cache_data(cfg, data, pipe, res, out, acc, log)
+    scaling, shift = pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    T = noise_sched.config.num_train_timesteps
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+    unet = pipe.unet
+    ref_unet, params = _prepare_unet(cfg, unet, acc.device, weight_dtype)
+    opt, lr_sched = _optimizer(cfg, params)
+    ckpts, sig, step, history = _restore(cfg, data, out, unet, opt, lr_sched, acc, log)
     train_unet = torch.compile(unet) if cfg.compile else unet
     train_unet, opt, lr_sched = acc.prepare(train_unet, opt, lr_sched)
     if trackers: acc.init_trackers("dpo", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
     bar = progress(total=cfg.max_steps, initial=step, desc=f"dpo ({cfg.method})", disable=None if acc.is_main_process else True)
-    T = noise_sched.config.num_train_timesteps
     while step < cfg.max_steps:
         opt.zero_grad(set_to_none=True)
         sums = {}
@@ -267,18 +326,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
             rows = _rows(data, index, cfg.batch_size, cfg.seed, sample_w)
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index * 1009)
             batch = _shard(quad_batch(cache, rows, combos, g, T, cfg.flip, cfg.latent_sample, scaling, shift), acc.process_index, acc.num_processes)
-            with acc.autocast():
-                e = combo_errors(train_unet, noise_sched, batch, acc.device)
-                if sft: loss, stats = sft_loss(e)
-                else:
-                    if ref_unet is not None:
-                        with torch.no_grad(): r = combo_errors(ref_unet, noise_sched, batch, acc.device)
-                    else:
-                        with reference_mode(unet): r = combo_errors(unet, noise_sched, batch, acc.device)
-                    loss, stats = cv_loss(e, r, weights, cfg.beta)
-                    if cfg.sft_weight:
-                        stats["sft"] = sft_loss(e)[0]
-                        loss = loss + cfg.sft_weight * stats["sft"]
+            with acc.autocast(): loss, stats = _micro_loss(cfg, batch, train_unet, unet, ref_unet, noise_sched, acc.device, weights)
             acc.backward(loss / cfg.grad_accum)
             for k, v in {"loss": loss, **stats}.items(): sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         sums = mean_over_processes(acc, sums)   # the whole batch's figures, the same on every process
@@ -304,13 +352,7 @@ def train_dpo(cfg: DPOConfig, data: pd.DataFrame = None, pipe=None, callback=Non
     if trackers: acc.end_training()
     unet.eval()
     if acc.is_main_process:
-        if cfg.full_finetune: unet.save_pretrained(out / "unet", safe_serialization=True)
-        else: save_lora(unet, out, kind)
-        stale = out / (LORA_FILE if cfg.full_finetune else "unet")   # an earlier run's other kind would shadow this one
-        if stale.exists():
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-            log(f"removed {stale.name} of an earlier run: {out} now holds this run's {'UNet' if cfg.full_finetune else 'LoRA'} only")
-        pd.DataFrame(history).to_csv(out / "train_log.csv", index=False)
+        _save_outputs(cfg, unet, out, kind, history, log)
         log(f"dpo: {step} steps, {time.time() - t0:.0f}s")
     acc.wait_for_everyone()   # the saved LoRA (or UNet) is on disk before any process goes on to load it
     return pipe, history

@@ -148,8 +148,9 @@ def test_killed_training_resumes_to_the_same_losses(tiny, tmp_path):
     gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(straight, resumed, strict=True))
     print(f"killed at checkpoint step-{steps[-1]}; largest loss difference over 6 steps: {gap:.1e}")
     assert gap <= 1e-5, (straight, resumed)
-    with pytest.warns(UserWarning, match="other training parameters.*starting over"):
+    with pytest.warns(UserWarning, match="other training parameters.*starting over") as warned:
         _, other = train_dpo(cfg.with_overrides(beta=100.0, max_steps=2), **QUIET)
+    assert {w.filename for w in warned if "starting over" in str(w.message)} == {__file__}, "the warning does not name the line that called train_dpo"
     assert [h["step"] for h in other] == [1, 2]
 
 

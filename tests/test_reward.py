@@ -129,8 +129,9 @@ def test_killed_training_resumes_to_the_same_losses(lesson_run, tmp_path):
     print(f"killed at checkpoint step-{steps[-1]}; largest loss difference over 8 steps: {gap:.1e}")
     assert gap <= 1e-4, (straight, resumed)
     # a checkpoint made with other parameters is not resumed: the run starts over, and says so
-    with pytest.warns(UserWarning, match="other training parameters.*starting over"):
+    with pytest.warns(UserWarning, match="other training parameters.*starting over") as warned:
         _, other = train_reward(cfg.with_overrides(lr=1e-2, max_steps=3), pairs, log=lambda *a: None)
+    assert {w.filename for w in warned if "starting over" in str(w.message)} == {__file__}, "the warning does not name the line that called train_reward"
     assert [h["step"] for h in other] == [1, 2, 3] and other[0]["loss"] == pytest.approx(straight[0]["loss"], abs=1e-6)
 
 
