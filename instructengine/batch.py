@@ -386,7 +386,7 @@ def md_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
     lines += ["| " + " | ".join([cell(i)] + [cell(v) for v in row]) + " |" for i, row in zip(df.index, df.to_numpy().tolist(), strict=True)]
     return "\n".join(lines)
 
-
+# %% ../nbs/09_batch.ipynb #e50b9f0f
 def batch_runs(root) -> list:
     "The run folders of a batch: [(name, {stage: {param: value}}, folder)]: the shared folder '.', then every variant."
     root = Path(root)
@@ -409,7 +409,7 @@ def stage_times(root) -> pd.DataFrame:
     df.index.name = "run"
     return df[[s for s in STAGES if s in df]] if len(df) else df
 
-
+# %% ../nbs/09_batch.ipynb #a0bf188a
 def _grid_label(v):
     "A grid value as a table key: numbers and text as they are; a mapping, a list or null as its JSON text (groupby drops nulls)."
     return v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True, default=str)
@@ -432,7 +432,7 @@ def sweep_table(root, metrics: list) -> pd.DataFrame:
     out = pd.concat({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}, axis=1)
     return out
 
-
+# %% ../nbs/09_batch.ipynb #b8e5b373
 def stage_figures(folder, stages=STAGES) -> list:
     "One Markdown line per stage with the scalar figures of its metrics (nested one level: `a.b`), from `metric`."
     out = []

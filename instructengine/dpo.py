@@ -211,7 +211,7 @@ def load_image(path, resolution: int) -> tuple:
     tid = torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32)
     return x, tid, tid.clone().index_fill_(0, torch.tensor([3]), nw - resolution - left)
 
-
+# %% ../nbs/07_dpo.ipynb #f5f8ab14
 def _sha(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
 
 
@@ -223,7 +223,7 @@ def model_key(model: str, pipe, resolution: int) -> str:
         if enc is not None: parts.append(enc.config.to_json_string())
     return _sha("|".join(parts).encode())[:16]
 
-
+# %% ../nbs/07_dpo.ipynb #568df71d
 class DPOCache:
     """VAE latent distributions (mean and log-variance, also of the mirrored image with `flip`) keyed by the image file's
     SHA-256, and text embeddings (SDXL: with pooled embeds) keyed by the prompt's SHA-256, computed once into
@@ -327,7 +327,7 @@ class DPOCache:
         pooled = [self.txt.get(k + ":pooled") for k in keys]
         return torch.stack([self.txt[k] for k in keys]), (torch.stack(pooled) if pooled[0] is not None else None)
 
-
+# %% ../nbs/07_dpo.ipynb #8b5f3a7b
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list) -> tuple:
     "The pipeline's own prompt encoding (SDXL: both encoders and the pooled embeds), without guidance: (embeds, pooled or None)."

@@ -258,7 +258,7 @@ class EvaluateConfig(Config):
             try: parse_scorer(s)
             except ValueError as e: raise ConfigError(f"EvaluateConfig.scorers: {e}") from None
 
-
+# %% ../nbs/08_evaluate.ipynb #3f7fe60a
 def score_images(records: list, scorers: list, eval_dir, chunk: int = 256) -> pd.DataFrame:
     "Every scorer on every recorded image, `chunk` images in memory at a time: one row per image and scorer."
     store, rows = ImageStore(Path(eval_dir) / "images"), []
@@ -270,7 +270,7 @@ def score_images(records: list, scorers: list, eval_dir, chunk: int = 256) -> pd
             rows += [{**{k: r[k] for k in keep}, "scorer": s.name, "score": float(x)} for r, x in zip(recs, s.score(images, prompts), strict=True)]
     return pd.DataFrame(rows).rename(columns={"index": "image"})
 
-
+# %% ../nbs/08_evaluate.ipynb #1e88b88c
 def _num(x, digits: int = 4):
     return None if x is None or x != x else round(float(x), digits)
 

@@ -178,7 +178,7 @@ def _train_signature(cfg: RewardTrainConfig) -> dict:
     for k in ("run_dir", "out", "checkpoint_every", "keep_checkpoints", "cache_pixels"): d.pop(k)
     return d
 
-
+# %% ../nbs/05a_reward_train.ipynb #1e83ed1c
 def _batch(data: pd.DataFrame, index: int, cfg: RewardTrainConfig, rank: int = 0, world: int = 1) -> pd.DataFrame:
     """Micro-batch number `index` of the whole run: epochs are permutations of the rows drawn from `seed` and the epoch
     number, so any batch can be found again after a restart. Each process takes every `world`-th row of it, so a run on
@@ -198,7 +198,7 @@ def _pair_forward(model, images: PairImages, rows: pd.DataFrame, device) -> tupl
     s = model(px, ids, cond).float()
     return s[:len(rows)], s[len(rows):]
 
-
+# %% ../nbs/05a_reward_train.ipynb #54edeb41
 @torch.enable_grad()
 def train_reward(cfg: RewardTrainConfig, pairs: pd.DataFrame, root=None, model: "MPSModel" = None, callback=None, log=print) -> tuple:
     """Train an MPS model on preference pairs (columns of `pairs.parquet`; image paths relative to `root`, default the

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IMAGEREWARD_MEAN', 'IMAGEREWARD_STD', 'IMAGEREWARD_HEAD', 'CLIP_MEAN', 'CLIP_STD', 'SCORERS', 'Scorer',
            'OracleScorer', 'load_state_dict_file', 'load_open_clip', 'ClipScorer', 'HPSv2Scorer', 'PickScoreScorer',
-           'MPSScorer', 'imagereward_head', 'imagereward_key', 'imagereward_config', 'convert_imagereward',
-           'ImageRewardScorer', 'tiny_imagereward', 'parse_scorer', 'make_scorer']
+           'MPSScorer', 'imagereward_head', 'ImageRewardScorer', 'imagereward_key', 'imagereward_config',
+           'convert_imagereward', 'tiny_imagereward', 'parse_scorer', 'make_scorer']
 
 # %% ../nbs/08_scorers.ipynb #db605dc4
 import inspect, logging, math, re
@@ -201,14 +201,47 @@ class MPSScorer(Scorer):
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072   # the published standardisation of the reward
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-_VIT_PARTS = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
-              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
 
 def imagereward_head(width: int = 768) -> nn.Sequential:
     "ImageReward's MLP on the [CLS] state: linear layers width -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between, no activation."
     return nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64),
                          nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+
+class ImageRewardScorer(Scorer):
+    "ImageReward: BLIP's ViT and cross-attention BERT, an MLP on the [CLS] state, standardised; from a folder of `convert_imagereward`."
+    name = "imagereward"
+
+    def __init__(self, path: str = "", name: str = "", device: str = "", batch_size: int = 64):
+        super().__init__(name, device, batch_size)
+        from torchvision import transforms as T
+        from transformers import AutoTokenizer, BlipForImageTextRetrieval
+        hint = "write one from the official ImageReward.pt with scorers.convert_imagereward(checkpoint, bert_tokenizer_folder, out)"
+        if path and Path(path).is_file(): raise FileNotFoundError(f"imagereward scorer: {path} is a file, not a converted folder; {hint}")
+        folder = _check_folder(path, {"the BLIP config": ("config.json",), "the BLIP weights": ("model.safetensors",),
+                                      "the reward head": (IMAGEREWARD_HEAD,), "the tokenizer": ("tokenizer.json", "vocab.txt")}, "imagereward scorer", hint)
+        self.model = BlipForImageTextRetrieval.from_pretrained(folder).to(self.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        head = load_file(folder / IMAGEREWARD_HEAD)
+        self.mean, self.std = float(head.pop("mean")), float(head.pop("std"))
+        self.head = imagereward_head(self.model.config.text_config.hidden_size)
+        self.head.load_state_dict(head); self.head.to(self.device).eval().requires_grad_(False)
+        n = self.model.config.vision_config.image_size
+        self.preprocess = T.Compose([T.Resize(n, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+    def _batch(self, images, prompts):
+        px = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt").to(self.device)
+        img = self.model.vision_model(pixel_values=px).last_hidden_state
+        cls = self.model.text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=img,
+                                      encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long, device=img.device)).last_hidden_state[:, 0]
+        with torch.autocast(self.device.type, enabled=False): r = self.head(cls.float()).squeeze(-1)
+        return (r - self.mean) / self.std
+
+# %% ../nbs/08_scorers.ipynb #40105a39
+_VIT_PARTS = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
+              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
 
 def imagereward_key(key: str):
@@ -270,38 +303,7 @@ def convert_imagereward(checkpoint, tokenizer, out, head_dim: int = 64) -> Path:
               out / IMAGEREWARD_HEAD)
     return out
 
-
-class ImageRewardScorer(Scorer):
-    "ImageReward: BLIP's ViT and cross-attention BERT, an MLP on the [CLS] state, standardised; from a folder of `convert_imagereward`."
-    name = "imagereward"
-
-    def __init__(self, path: str = "", name: str = "", device: str = "", batch_size: int = 64):
-        super().__init__(name, device, batch_size)
-        from torchvision import transforms as T
-        from transformers import AutoTokenizer, BlipForImageTextRetrieval
-        hint = "write one from the official ImageReward.pt with scorers.convert_imagereward(checkpoint, bert_tokenizer_folder, out)"
-        if path and Path(path).is_file(): raise FileNotFoundError(f"imagereward scorer: {path} is a file, not a converted folder; {hint}")
-        folder = _check_folder(path, {"the BLIP config": ("config.json",), "the BLIP weights": ("model.safetensors",),
-                                      "the reward head": (IMAGEREWARD_HEAD,), "the tokenizer": ("tokenizer.json", "vocab.txt")}, "imagereward scorer", hint)
-        self.model = BlipForImageTextRetrieval.from_pretrained(folder).to(self.device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        head = load_file(folder / IMAGEREWARD_HEAD)
-        self.mean, self.std = float(head.pop("mean")), float(head.pop("std"))
-        self.head = imagereward_head(self.model.config.text_config.hidden_size)
-        self.head.load_state_dict(head); self.head.to(self.device).eval().requires_grad_(False)
-        n = self.model.config.vision_config.image_size
-        self.preprocess = T.Compose([T.Resize(n, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-
-    def _batch(self, images, prompts):
-        px = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt").to(self.device)
-        img = self.model.vision_model(pixel_values=px).last_hidden_state
-        cls = self.model.text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=img,
-                                      encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long, device=img.device)).last_hidden_state[:, 0]
-        with torch.autocast(self.device.type, enabled=False): r = self.head(cls.float()).squeeze(-1)
-        return (r - self.mean) / self.std
-
-
+# %% ../nbs/08_scorers.ipynb #d5826391
 def tiny_imagereward(folder, seed: int = 0, width: int = 32, layers: int = 2) -> tuple:
     """A stand-in for the official ImageReward.pt: random tensors under its key names and layout (BLIP's timm-style ViT,
     BERT with cross-attention, the MLP), tiny, saved with torch.save; and a small BERT tokenizer. Returns (checkpoint, tokenizer folder)."""

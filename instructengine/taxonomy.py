@@ -473,7 +473,7 @@ def extract_json(text: str):
         start = s.find("{", start + 1)
     raise ValueError(f"no JSON object in the reply {text!r:.120}")
 
-
+# %% ../nbs/02_taxonomy.ipynb #f7a7efa1
 class DiskCache:
     "Replies on disk, one JSON file per SHA-256 key; writes are atomic, so concurrent writers and kills are safe."
     def __init__(self, root): self.root = Path(root)
@@ -487,7 +487,7 @@ class DiskCache:
         except (ValueError, KeyError, TypeError): return None
     def put(self, key: str, value): atomic_write_text(self._path(key), json.dumps({"value": value}))
 
-
+# %% ../nbs/02_taxonomy.ipynb #cf28885c
 BASE_SCHEMA = {"type": "object", "properties": {"instructions": {"type": "array", "items": {"type": "string"}}},
                "required": ["instructions"]}
 CONTRAST_SCHEMA = {"type": "object", "required": ["instruction", "slot", "value_a", "value_b"],
